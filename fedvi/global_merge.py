@@ -55,12 +55,14 @@ def check_compatible(sites: list[Summaries], names: list[str] | None = None) -> 
         if s.spec.schema_hash() != ref.schema_hash():
             raise SchemaMismatchError(
                 f"{name} has a different data schema than {names[0]}: "
-                f"{s.spec.likelihood}, {s.spec.n_features} variables, levels {list(s.spec.n_levels)} "
-                f"vs {ref.likelihood}, {ref.n_features} variables, levels {list(ref.n_levels)}"
+                f"{s.spec.likelihood}, {s.spec.n_features} variables, "
+                f"levels {list(s.spec.n_levels)} vs {ref.likelihood}, {ref.n_features} "
+                f"variables, levels {list(ref.n_levels)}"
             )
         if s.spec.model_hash() != ref.model_hash():
             raise SchemaMismatchError(
-                f"{name} used a different model than {names[0]}: {s.spec.to_dict()} vs {ref.to_dict()}"
+                f"{name} used a different model than {names[0]}: "
+                f"{s.spec.to_dict()} vs {ref.to_dict()}"
             )
 
 
