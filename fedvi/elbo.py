@@ -29,17 +29,30 @@ def weights_term(counts: np.ndarray, alpha0: float, prior_dim: int) -> float:
     )
 
 
-def relevance_term(spec: MixtureSpec, c: np.ndarray, column_totals, n_rows: int) -> float:
-    """Variable-selection terms (SPEC §8) at the optimal ``q(delta)``, as a scalar.
+def relevance_terms_by_variable(
+    spec: MixtureSpec, c: np.ndarray, column_totals, n_rows: int
+) -> np.ndarray:
+    """``(D,)`` variable-selection terms (SPEC §8) at the optimal ``q(delta)``:
 
-    ``sum_d (1 - c_d) log p(x_.d | phi0_d) + log B(c + a, 1 - c + b) - log B(a, b) + H[c_d]``.
+    ``(1 - c_d) log p(x_.d | phi0_d) + log B(c + a, 1 - c + b) - log B(a, b) + H[c_d]``.
     """
     a, b = spec.relevance_prior
-    fam = spec.family()
-    null = fam.null_loglik(column_totals, n_rows)
+    null = spec.family().null_loglik(column_totals, n_rows)
     ent = -xlogy(c, c) - xlogy(1.0 - c, 1.0 - c)
-    return float(
-        ((1.0 - c) * null).sum() + (betaln(c + a, 1.0 - c + b) - betaln(a, b)).sum() + ent.sum()
+    return (1.0 - c) * null + betaln(c + a, 1.0 - c + b) - betaln(a, b) + ent
+
+
+def relevance_term(spec: MixtureSpec, c: np.ndarray, column_totals, n_rows: int) -> float:
+    """Sum of :func:`relevance_terms_by_variable`."""
+    return float(relevance_terms_by_variable(spec, c, column_totals, n_rows).sum())
+
+
+def relevance_objective(spec, counts, sums, column_totals, n_rows, c) -> np.ndarray:
+    """``(D,)`` the part of the ELBO that depends on ``c_d``, per variable, at the optimal
+    ``q(phi)`` and ``q(delta)``; the ELBO is a sum of these over ``d`` plus terms free of ``c``."""
+    fam = spec.family()
+    return fam.phi_term_by_variable(sums, counts, c) + relevance_terms_by_variable(
+        spec, c, column_totals, n_rows
     )
 
 

@@ -80,6 +80,7 @@ def shared_spec(
     variable_selection: bool = False,
     relevance_prior=(2.0, 2.0),
     feature_names=None,
+    relevance_update: str = "collapsed",
 ) -> MixtureSpec:
     """The model all sites fit. Categorical levels not given are the union of the sites'
     (largest code seen at any site + 1), i.e. what a schema round would agree on."""
@@ -115,6 +116,7 @@ def shared_spec(
         variable_selection=variable_selection,
         relevance_prior=tuple(relevance_prior),
         feature_names=None if feature_names is None else tuple(feature_names),
+        relevance_update=relevance_update,
     )
 
 
@@ -138,6 +140,7 @@ def federated_fit(
     n_levels=None,
     variable_selection: bool = False,
     relevance_prior=(2.0, 2.0),
+    relevance_update: str = "collapsed",
     merge: str = "best_first",
     labels: str = "posterior",
     refine_rounds: int = 0,

@@ -46,6 +46,11 @@ class Bernoulli:
         A, B = self._posterior(S, N, c)
         return betaln(A, B).sum(axis=1) - self.n_features * betaln(self.a, self.b)
 
+    def phi_term_by_variable(self, S, N, c=None) -> np.ndarray:
+        """``(D,)``: the ``phi`` part of the ELBO of each variable, summed over clusters."""
+        A, B = self._posterior(S, N, c)
+        return (betaln(A, B) - betaln(self.a, self.b)).sum(axis=0)
+
     def log_likelihood_weights(self, S, N, c=None):
         """``W (K, P)`` and ``bias (K,)`` with ``E_q log p(x_n | z_n=k) = x_n @ W[k] + bias[k]``.
 
@@ -134,6 +139,12 @@ class Categorical:
             - gammaln(self._blocksum(Bh)).sum(axis=1)
             - self._log_mbeta_prior()
         )
+
+    def phi_term_by_variable(self, S, N, c=None) -> np.ndarray:
+        Bh = self._posterior(S, c)
+        per = self._blocksum(gammaln(Bh)) - gammaln(self._blocksum(Bh))
+        prior = self.n_levels * gammaln(self.beta) - gammaln(self.n_levels * self.beta)
+        return (per - prior).sum(axis=0)
 
     def _elog(self, S, c):
         Bh = self._posterior(S, c)

@@ -47,6 +47,9 @@ class MixtureVI:
         Learn per-variable relevance ``c_d`` (SPEC §8); see ``variable_relevance_``.
     relevance_prior : (float, float), default (2, 2)
         Beta prior on the probability that a variable is relevant (mean 0.5).
+    relevance_update : {"collapsed", "meanfield"}, default "collapsed"
+        How ``c_d`` is updated (see :func:`fedvi.vi.relevance_step`); "meanfield" is the
+        paper's fixed-point step.
     moves : {"merdel", "paper", "none"}, default "merdel"
         Move schedule (see :mod:`fedvi.merdel`).
     move_every, delete_iters, max_iter, tol : see :class:`fedvi.merdel.FitOptions`.
@@ -76,6 +79,7 @@ class MixtureVI:
         n_levels=None,
         variable_selection: bool = False,
         relevance_prior: tuple[float, float] = (2.0, 2.0),
+        relevance_update: str = "collapsed",
         moves: str = "merdel",
         move_every: int = 5,
         delete_iters: int = 3,
@@ -91,6 +95,7 @@ class MixtureVI:
         self.n_levels = n_levels
         self.variable_selection = variable_selection
         self.relevance_prior = relevance_prior
+        self.relevance_update = relevance_update
         self.moves = moves
         self.move_every = move_every
         self.delete_iters = delete_iters
@@ -134,6 +139,7 @@ class MixtureVI:
             beta=self.beta,
             variable_selection=bool(self.variable_selection),
             relevance_prior=tuple(self.relevance_prior),
+            relevance_update=self.relevance_update,
             feature_names=None if self.feature_names is None else tuple(self.feature_names),
         )
 

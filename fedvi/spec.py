@@ -25,6 +25,8 @@ class MixtureSpec:
     relevance_prior: ``(a, b)`` of the Beta prior on ``delta_d``; ``(2, 2)`` gives prior
         probability 0.5 that a variable is relevant (the paper's ``a_gamma = 2``).
     feature_names: optional variable names; part of the schema hash.
+    relevance_update: ``"collapsed"`` (default) or ``"meanfield"`` (the paper's); see
+        :func:`fedvi.vi.relevance_step`.
     """
 
     likelihood: str
@@ -34,6 +36,7 @@ class MixtureSpec:
     variable_selection: bool = False
     relevance_prior: tuple[float, float] = (2.0, 2.0)
     feature_names: tuple[str, ...] | None = field(default=None)
+    relevance_update: str = "collapsed"
 
     def __post_init__(self):
         check_likelihood(self.likelihood)
@@ -51,6 +54,11 @@ class MixtureSpec:
             raise ValueError(f"beta must be > 0, got {self.beta}")
         if min(self.relevance_prior) <= 0:
             raise ValueError(f"relevance_prior must be positive, got {self.relevance_prior}")
+        if self.relevance_update not in ("collapsed", "meanfield"):
+            raise ValueError(
+                "relevance_update must be 'collapsed' or 'meanfield', "
+                f"got {self.relevance_update!r}"
+            )
         if self.likelihood == "bernoulli" and any(v != 2 for v in self.n_levels):
             raise ValueError("a Bernoulli model has 2 levels per variable")
 
@@ -75,6 +83,7 @@ class MixtureSpec:
             "variable_selection": bool(self.variable_selection),
             "relevance_prior": list(self.relevance_prior),
             "feature_names": None if self.feature_names is None else list(self.feature_names),
+            "relevance_update": self.relevance_update,
         }
 
     @classmethod

@@ -12,7 +12,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.special import digamma, expit, logsumexp, xlogy
 
-from fedvi.elbo import elbo_terms
+from fedvi.elbo import elbo_terms, relevance_objective
 from fedvi.spec import MixtureSpec
 
 
@@ -90,14 +90,49 @@ def normalise(logits: np.ndarray) -> np.ndarray:
 
 
 def relevance_step(spec: MixtureSpec, column_totals, n_rows, counts, sums, relevance):
-    """``(D,)`` new ``c_d`` (SPEC §8), given ``q(phi)`` and ``q(delta)`` from the current ``c``.
+    """``(D,)`` new ``c_d`` (SPEC §8), a function of summaries only, so the server can run it.
 
-    A function of summaries only (``counts``, ``sums``, ``column_totals``), so the server can
-    run it on pooled statistics.
+    ``spec.relevance_update``:
+
+    - ``"meanfield"``: the paper's update, ``logit c_d = sum_kl S E log phi - sum_l T log phi0
+      + psi(c + a) - psi(1 - c + b)`` with ``q(phi)``, ``q(delta)`` from the current ``c``.
+    - ``"collapsed"`` (default): maximise the ELBO over each ``c_d`` in ``[0, 1]`` with
+      ``q(phi)`` and ``q(delta)`` re-optimised (the ELBO is a sum of one-dimensional terms,
+      :func:`fedvi.elbo.relevance_objective`). Also an ascent step, but it escapes the mean-field
+      fixed point at ``c_d = 1`` that a noise variable is stuck in when started there (the
+      mean-field step sees the fit of ``q(phi)`` but not its KL cost, which grows like log N).
     """
-    a, b = spec.relevance_prior
-    data = spec.family().relevance_data_term(sums, counts, column_totals, n_rows, relevance)
-    return expit(data + digamma(relevance + a) - digamma(1.0 - relevance + b))
+    if spec.relevance_update == "meanfield":
+        a, b = spec.relevance_prior
+        data = spec.family().relevance_data_term(sums, counts, column_totals, n_rows, relevance)
+        return expit(data + digamma(relevance + a) - digamma(1.0 - relevance + b))
+
+    def f(c):
+        return relevance_objective(spec, counts, sums, column_totals, n_rows, c)
+
+    D = len(relevance)
+    grid = np.linspace(0.0, 1.0, 33)
+    values = np.array([f(np.full(D, g)) for g in grid])  # (33, D)
+    best = np.argmax(values, axis=0)
+    lo = grid[np.maximum(best - 1, 0)]
+    hi = grid[np.minimum(best + 1, len(grid) - 1)]
+    # Golden-section search in each variable's bracket, all variables at once.
+    ratio = (np.sqrt(5.0) - 1.0) / 2.0
+    x1, x2 = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    f1, f2 = f(x1), f(x2)
+    for _ in range(40):
+        left = f1 >= f2
+        hi = np.where(left, x2, hi)
+        lo = np.where(left, lo, x1)
+        x2n = np.where(left, x1, lo + ratio * (hi - lo))
+        x1n = np.where(left, hi - ratio * (hi - lo), x2)
+        fx = f(np.where(left, x1n, x2n))
+        f2 = np.where(left, f1, fx)
+        f1 = np.where(left, fx, f2)
+        x1, x2 = x1n, x2n
+    cand = np.stack([grid[best], 0.5 * (lo + hi), relevance])
+    cand_values = np.stack([values[best, np.arange(D)], f(cand[1]), f(relevance)])
+    return cand[np.argmax(cand_values, axis=0), np.arange(D)]
 
 
 def state_from_resp(problem: Problem, resp, relevance, ids, update_relevance=True) -> VIState:
