@@ -171,6 +171,7 @@ def federated_fit(
         variable_selection,
         relevance_prior,
         feature_names,
+        relevance_update,
     )
     options = FitOptions(moves=moves, move_every=move_every, max_iter=max_iter, tol=tol)
     fits: list[SiteFit] = [
