@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.special import digamma, expit, logsumexp, xlogy
+from scipy.special import digamma, expit, xlogy
 
 from fedvi.elbo import elbo_terms, relevance_objective
 from fedvi.spec import MixtureSpec
@@ -61,11 +61,17 @@ class VIState:
         return len(self.counts)
 
 
-def sufficient_stats(X, resp: np.ndarray):
-    """``counts (K,)``, ``sums (K, P)``, ``entropy (K,)`` of rows ``X`` under ``resp (N, K)``."""
-    counts = resp.sum(axis=0)
+def sufficient_stats(X, resp: np.ndarray, log_resp: np.ndarray | None = None):
+    """``counts (K,)``, ``sums (K, P)``, ``entropy (K,)`` of rows ``X`` under ``resp (N, K)``.
+
+    ``log_resp``, when the local step has it, gives the entropy without another log pass.
+    """
+    counts = np.ones(resp.shape[0]) @ resp
     sums = np.asarray((X.T @ resp).T) if sp.issparse(X) else resp.T @ X
-    entropy = -xlogy(resp, resp).sum(axis=0)
+    if log_resp is None:
+        entropy = -xlogy(resp, resp).sum(axis=0)
+    else:
+        entropy = -np.einsum("nk,nk->k", resp, log_resp)
     return counts, np.ascontiguousarray(sums), entropy
 
 
@@ -84,9 +90,25 @@ def log_joint(X, spec: MixtureSpec, counts, sums, relevance, prior_dim, weight_c
 
 
 def normalise(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax by a stable log-sum-exp, in place."""
-    logits -= logsumexp(logits, axis=1, keepdims=True)
-    return np.exp(logits, out=logits)
+    """Row-wise softmax by a stable log-sum-exp; ``logits`` becomes ``log r`` in place."""
+    return normalise_with_log(logits)[0]
+
+
+def normalise_with_log(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(r, log r)``, both ``(N, K)``; ``logits`` is overwritten with ``log r``.
+
+    Written as column passes because NumPy's row reductions over a short K are several times
+    slower than K vectorised passes over N.
+    """
+    peak = logits[:, 0].copy()
+    for k in range(1, logits.shape[1]):
+        np.maximum(peak, logits[:, k], out=peak)
+    logits -= peak[:, None]
+    resp = np.exp(logits)
+    total = resp @ np.ones(resp.shape[1])
+    resp /= total[:, None]
+    logits -= np.log(total)[:, None]
+    return resp, logits
 
 
 def relevance_step(spec: MixtureSpec, column_totals, n_rows, counts, sums, relevance):
@@ -135,9 +157,11 @@ def relevance_step(spec: MixtureSpec, column_totals, n_rows, counts, sums, relev
     return cand[np.argmax(cand_values, axis=0), np.arange(D)]
 
 
-def state_from_resp(problem: Problem, resp, relevance, ids, update_relevance=True) -> VIState:
+def state_from_resp(
+    problem: Problem, resp, relevance, ids, update_relevance=True, log_resp=None
+) -> VIState:
     """Global step: statistics of ``resp``, the ``c`` update, and the ELBO."""
-    counts, sums, entropy = sufficient_stats(problem.X, resp)
+    counts, sums, entropy = sufficient_stats(problem.X, resp, log_resp)
     if problem.spec.variable_selection and update_relevance:
         relevance = relevance_step(
             problem.spec, problem.column_totals, problem.n_rows, counts, sums, relevance
@@ -171,7 +195,8 @@ def iterate(problem: Problem, state: VIState) -> VIState:
     logits = log_joint(
         problem.X, problem.spec, state.counts, state.sums, state.relevance, problem.prior_dim
     )
-    return state_from_resp(problem, normalise(logits), state.relevance, state.ids)
+    resp, log_resp = normalise_with_log(logits)
+    return state_from_resp(problem, resp, state.relevance, state.ids, log_resp=log_resp)
 
 
 def drop_clusters(problem: Problem, state: VIState, drop: np.ndarray) -> VIState:
@@ -185,7 +210,8 @@ def drop_clusters(problem: Problem, state: VIState, drop: np.ndarray) -> VIState
         state.relevance,
         problem.prior_dim,
     )
-    return state_from_resp(problem, normalise(logits), state.relevance, state.ids[keep])
+    resp, log_resp = normalise_with_log(logits)
+    return state_from_resp(problem, resp, state.relevance, state.ids[keep], log_resp=log_resp)
 
 
 def initial_state(problem: Problem, labels: np.ndarray, n_components: int) -> VIState:
