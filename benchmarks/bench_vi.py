@@ -86,8 +86,18 @@ def main() -> None:
     header += f"{'fit s':>8} {'iters':>6} {'K':>3} {'peak MiB':>9}"
     print(header)
     for n in a.sizes:
-        cmd = [sys.executable, __file__, "--one", str(n), "--features", str(a.features),
-               "--k-init", str(a.k_init), "--likelihood", a.likelihood]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            str(n),
+            "--features",
+            str(a.features),
+            "--k-init",
+            str(a.k_init),
+            "--likelihood",
+            a.likelihood,
+        ]
         if a.sparse:
             cmd.append("--sparse")
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)

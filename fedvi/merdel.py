@@ -9,6 +9,9 @@ Schedules (``moves=``):
   ``move_every`` (5) iterations.
 - ``"none"``: plain CAVI; only empty clusters vanish.
 
+Delete candidates: the smallest cluster first (``delete_order``); measured against bnpy's
+largest-first in ``benchmarks/bench_choices.py``: same or better ELBO, fewer wasted proposals.
+
 The fit stops when the relative ELBO change stays below ``tol`` for ``n_stable`` iterations
 in a row and a final round of moves accepts nothing.
 """
@@ -32,12 +35,17 @@ class FitOptions:
     moves: str = "merdel"
     move_every: int = 5
     delete_iters: int = 3
+    delete_order: str = "smallest"
     max_iter: int = 1000
     tol: float = 1e-8
     n_stable: int = 3
     empty_threshold: float = 1e-6
 
     def __post_init__(self):
+        if self.delete_order not in ("smallest", "largest"):
+            raise ValueError(
+                f"delete_order must be 'smallest' or 'largest', got {self.delete_order!r}"
+            )
         if self.moves not in MOVE_SCHEDULES:
             raise ValueError(f"moves must be one of {MOVE_SCHEDULES}, got {self.moves!r}")
         for name in ("move_every", "delete_iters", "max_iter", "n_stable"):
@@ -91,7 +99,7 @@ def run(problem: Problem, state: VIState, options: FitOptions, trace: FitTrace |
         if n_merged:
             trace.elbo_history.append(state.elbo)
         state, deleted = delete_move(
-            problem, state, trace.memory, trace.moves, options.delete_iters
+            problem, state, trace.memory, trace.moves, options.delete_iters, options.delete_order
         )
         trace.n_iter += options.delete_iters
         trace.elbo_history.append(state.elbo)

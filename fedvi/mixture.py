@@ -52,7 +52,7 @@ class MixtureVI:
         paper's fixed-point step.
     moves : {"merdel", "paper", "none"}, default "merdel"
         Move schedule (see :mod:`fedvi.merdel`).
-    move_every, delete_iters, max_iter, tol : see :class:`fedvi.merdel.FitOptions`.
+    move_every, delete_iters, delete_order, max_iter, tol : see :class:`fedvi.merdel.FitOptions`.
     seed : int, default 0
         Seed of the k-modes initialisation; the same seed gives the same fit.
     feature_names : sequence of str, optional
@@ -83,6 +83,7 @@ class MixtureVI:
         moves: str = "merdel",
         move_every: int = 5,
         delete_iters: int = 3,
+        delete_order: str = "smallest",
         max_iter: int = 1000,
         tol: float = 1e-8,
         seed: int | None = 0,
@@ -99,6 +100,7 @@ class MixtureVI:
         self.moves = moves
         self.move_every = move_every
         self.delete_iters = delete_iters
+        self.delete_order = delete_order
         self.max_iter = max_iter
         self.tol = tol
         self.seed = seed
@@ -110,6 +112,7 @@ class MixtureVI:
             moves=self.moves,
             move_every=self.move_every,
             delete_iters=self.delete_iters,
+            delete_order=self.delete_order,
             max_iter=self.max_iter,
             tol=self.tol,
         )

@@ -121,14 +121,17 @@ def delete_move(
     memory: MoveMemory,
     log: MoveLog,
     n_iters: int = 3,
+    order: str = "smallest",
 ) -> tuple[VIState, bool]:
-    """Propose deleting the smallest eligible cluster; run ``n_iters`` VI iterations on the
+    """Propose deleting the smallest (or, ``order="largest"``, bnpy's rule: the largest)
+    eligible cluster; run ``n_iters`` VI iterations on the
     proposal and on the current model and keep the better (SPEC §4). Either way the returned
     state has advanced ``n_iters`` iterations and its ELBO is at least the current one."""
     K = state.n_clusters
     if K < 2:
         return state, False
-    for k in np.argsort(state.counts, kind="stable"):
+    ranked = np.argsort(state.counts if order == "smallest" else -state.counts, kind="stable")
+    for k in ranked:
         if not memory.delete_blocked(int(state.ids[k]), state.counts[k]):
             break
     else:
