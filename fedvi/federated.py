@@ -147,6 +147,8 @@ def federated_fit(
     min_cluster_size: int = 5,
     moves: str = "merdel",
     move_every: int = 5,
+    delete_iters: int = 3,
+    delete_order: str = "smallest",
     max_iter: int = 1000,
     tol: float = 1e-8,
     seed: int | None = 0,
@@ -173,7 +175,14 @@ def federated_fit(
         feature_names,
         relevance_update,
     )
-    options = FitOptions(moves=moves, move_every=move_every, max_iter=max_iter, tol=tol)
+    options = FitOptions(
+        moves=moves,
+        move_every=move_every,
+        delete_iters=delete_iters,
+        delete_order=delete_order,
+        max_iter=max_iter,
+        tol=tol,
+    )
     fits: list[SiteFit] = [
         fit_site(
             X, spec, n_components, site_seed(seed, b), options, min_cluster_size, source=f"site {b}"

@@ -142,6 +142,9 @@ class FedviClient(NumPyClient):
 
     def _spec(self, table: SiteTable, config: dict) -> fedvi.MixtureSpec:
         model = json.loads(str(config["model"]))
+        extra = {}
+        if model.get("relevance_update") is not None:
+            extra["relevance_update"] = str(model["relevance_update"])
         return fedvi.shared_spec(
             [table.X],
             model["likelihood"],
@@ -151,6 +154,7 @@ class FedviClient(NumPyClient):
             variable_selection=bool(model.get("variable_selection", False)),
             relevance_prior=tuple(model.get("relevance_prior", (2.0, 2.0))),
             feature_names=table.feature_names if model.get("use_feature_names", True) else None,
+            **extra,
         )
 
     def _local(self, parameters, config):

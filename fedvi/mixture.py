@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from fedvi.data import EncodedData, check_likelihood, encode
@@ -9,7 +11,7 @@ from fedvi.init import kmodes_labels
 from fedvi.merdel import FitOptions, FitTrace, prune, run
 from fedvi.spec import MixtureSpec
 from fedvi.summaries import Summaries
-from fedvi.vi import Problem, VIState, initial_state, log_joint, normalise
+from fedvi.vi import Problem, VIState, initial_state, log_joint, normalise, summaries_of
 
 
 def order_by_size(state: VIState) -> VIState:
@@ -147,7 +149,7 @@ class MixtureVI:
         )
 
     def _store(self, problem: Problem, state: VIState, trace: FitTrace) -> None:
-        self._problem_meta = (problem.prior_dim, problem.column_totals, problem.n_rows)
+        self._summaries = summaries_of(problem, state)
         self.counts_ = state.counts
         self.sums_ = state.sums
         self.entropy_ = state.entropy
@@ -181,7 +183,7 @@ class MixtureVI:
             self.counts_,
             self.sums_,
             self.relevance_,
-            self._problem_meta[0],
+            self._summaries.prior_dim,
         )
         return normalise(logits)
 
@@ -192,16 +194,14 @@ class MixtureVI:
     def summaries(self) -> Summaries:
         """The per-cluster sufficient statistics of the training rows (what a site sends)."""
         self._check_fitted()
-        prior_dim, totals, n_rows = self._problem_meta
-        return Summaries(
-            counts=self.counts_.copy(),
-            sums=self.sums_.copy(),
-            entropy=self.entropy_.copy(),
-            column_totals=totals.copy(),
-            n_rows=n_rows,
-            prior_dim=prior_dim,
-            spec=self.spec_,
-            relevance=None if self.relevance_ is None else self.relevance_.copy(),
+        s = self._summaries
+        return replace(
+            s,
+            counts=s.counts.copy(),
+            sums=s.sums.copy(),
+            entropy=s.entropy.copy(),
+            column_totals=s.column_totals.copy(),
+            relevance=None if s.relevance is None else s.relevance.copy(),
         )
 
 

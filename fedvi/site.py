@@ -11,7 +11,7 @@ from fedvi.merdel import FitOptions, FitTrace, prune
 from fedvi.mixture import fit_problem, order_by_size
 from fedvi.spec import MixtureSpec
 from fedvi.summaries import Summaries
-from fedvi.vi import Problem
+from fedvi.vi import Problem, summaries_of
 
 
 @dataclass(frozen=True)
@@ -68,14 +68,4 @@ def fit_site(
     state, trace = fit_problem(problem, options, seed)
     state, trace = prune(problem, state, max(1, int(min_cluster_size)), options, trace)
     state = order_by_size(state)
-    summaries = Summaries(
-        counts=state.counts,
-        sums=state.sums,
-        entropy=state.entropy,
-        column_totals=problem.column_totals,
-        n_rows=problem.n_rows,
-        prior_dim=problem.prior_dim,
-        spec=spec,
-        relevance=state.relevance,
-    )
-    return SiteFit(summaries, np.argmax(state.resp, axis=1), data, trace)
+    return SiteFit(summaries_of(problem, state), np.argmax(state.resp, axis=1), data, trace)

@@ -14,6 +14,7 @@ from scipy.special import digamma, expit, xlogy
 
 from fedvi.elbo import elbo_terms, relevance_objective
 from fedvi.spec import MixtureSpec
+from fedvi.summaries import Summaries
 
 
 @dataclass(frozen=True)
@@ -230,3 +231,17 @@ def initial_state(problem: Problem, labels: np.ndarray, n_components: int) -> VI
         weight_counts=np.zeros(n_components),
     )
     return state_from_resp(problem, normalise(logits), relevance, np.arange(n_components))
+
+
+def summaries_of(problem: Problem, state: VIState) -> Summaries:
+    """The :class:`Summaries` of a fitted state (what a site would send)."""
+    return Summaries(
+        counts=state.counts,
+        sums=state.sums,
+        entropy=state.entropy,
+        column_totals=problem.column_totals,
+        n_rows=problem.n_rows,
+        prior_dim=problem.prior_dim,
+        spec=problem.spec,
+        relevance=state.relevance,
+    )
