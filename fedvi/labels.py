@@ -9,14 +9,18 @@ import numpy as np
 from fedvi.data import EncodedData
 from fedvi.elbo import elbo
 from fedvi.summaries import Summaries
-from fedvi.vi import log_joint, normalise, relevance_step, sufficient_stats
+from fedvi.vi import local_step, relevance_step
 
 LABEL_MODES = ("posterior", "map")
 
 
 def global_responsibilities(data: EncodedData, posterior: Summaries) -> np.ndarray:
     """``(N, G)`` responsibilities of a site's rows under the global posterior (local step)."""
-    logits = log_joint(
+    return _local(data, posterior).resp
+
+
+def _local(data: EncodedData, posterior: Summaries):
+    return local_step(
         data.matrix,
         posterior.spec,
         posterior.counts,
@@ -24,7 +28,6 @@ def global_responsibilities(data: EncodedData, posterior: Summaries) -> np.ndarr
         posterior.relevance,
         posterior.prior_dim,
     )
-    return normalise(logits)
 
 
 def label_rows(data: EncodedData, posterior: Summaries) -> np.ndarray:
@@ -39,13 +42,12 @@ def map_labels(local_labels: np.ndarray, site_mapping: np.ndarray) -> np.ndarray
 
 def refinement_stats(data: EncodedData, posterior: Summaries) -> Summaries:
     """A site's statistics per global cluster under the global posterior (sums only)."""
-    resp = global_responsibilities(data, posterior)
-    counts, sums, entropy = sufficient_stats(data.matrix, resp)
+    step = _local(data, posterior)
     return replace(
         posterior,
-        counts=counts,
-        sums=sums,
-        entropy=entropy,
+        counts=step.counts,
+        sums=step.sums,
+        entropy=step.entropy,
         column_totals=np.asarray(data.matrix.sum(axis=0)).ravel(),
         n_rows=data.n_rows,
     )

@@ -11,7 +11,7 @@ from fedvi.init import kmodes_labels
 from fedvi.merdel import FitOptions, FitTrace, prune, run
 from fedvi.spec import MixtureSpec
 from fedvi.summaries import Summaries
-from fedvi.vi import Problem, VIState, initial_state, log_joint, normalise, summaries_of
+from fedvi.vi import Problem, VIState, initial_state, local_step, summaries_of
 
 
 def order_by_size(state: VIState) -> VIState:
@@ -177,7 +177,7 @@ class MixtureVI:
         """``(N, K)`` responsibilities of new rows under the fitted posterior."""
         self._check_fitted()
         data = encode(X, self.likelihood, self.spec_.n_levels, n_features=self.spec_.n_features)
-        logits = log_joint(
+        step = local_step(
             data.matrix,
             self.spec_,
             self.counts_,
@@ -185,7 +185,7 @@ class MixtureVI:
             self.relevance_,
             self._summaries.prior_dim,
         )
-        return normalise(logits)
+        return step.resp
 
     def predict(self, X) -> np.ndarray:
         """``(N,)`` most probable cluster of each row."""

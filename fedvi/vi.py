@@ -68,7 +68,9 @@ def sufficient_stats(X, resp: np.ndarray, log_resp: np.ndarray | None = None):
     ``log_resp``, when the local step has it, gives the entropy without another log pass.
     """
     counts = np.ones(resp.shape[0]) @ resp
-    sums = np.asarray((X.T @ resp).T) if sp.issparse(X) else resp.T @ X
+    # (X.T @ R).T, not R.T @ X: the latter hits a slow BLAS path for tall R (12 s vs 0.35 s
+    # at N = 1e6, D = 100, K = 20).
+    sums = np.asarray((X.T @ resp).T)
     if log_resp is None:
         entropy = -xlogy(resp, resp).sum(axis=0)
     else:
@@ -81,22 +83,46 @@ def expected_log_weights(counts: np.ndarray, alpha0: float, prior_dim: int) -> n
     return digamma(alpha0 + counts) - digamma(prior_dim * alpha0 + counts.sum())
 
 
-def log_joint(X, spec: MixtureSpec, counts, sums, relevance, prior_dim, weight_counts=None):
-    """``(N, K)`` unnormalised ``log r_nk``: one matrix product plus a bias."""
+#: Rows per block of the log-sum-exp: a block's logits (ROW_BLOCK x K) stay in cache across
+#: its passes. The two matrix products run on all rows at once: blocked BLAS calls were
+#: 2-4x slower here (thread start-up per call).
+ROW_BLOCK = 8192
+
+
+@dataclass(frozen=True)
+class LocalStep:
+    """Responsibilities ``resp (N, K)`` and their statistics ``counts``, ``sums``, ``entropy``."""
+
+    resp: np.ndarray
+    counts: np.ndarray
+    sums: np.ndarray
+    entropy: np.ndarray
+
+
+def local_step(
+    X, spec: MixtureSpec, counts, sums, relevance, prior_dim, weight_counts=None
+) -> LocalStep:
+    """The local update (SPEC §3) and the statistics of its responsibilities: one product
+    ``X @ W.T`` plus a bias, a stable log-sum-exp, and one product ``X.T @ R``."""
     W, bias = spec.family().log_likelihood_weights(sums, counts, relevance)
     wc = counts if weight_counts is None else weight_counts
+    bias = bias + expected_log_weights(wc, spec.alpha0, prior_dim)
     logits = np.asarray(X @ W.T)
-    logits += bias + expected_log_weights(wc, spec.alpha0, prior_dim)
-    return logits
+    resp = np.empty_like(logits)
+    entropy = np.zeros(W.shape[0])
+    for start in range(0, logits.shape[0], ROW_BLOCK):
+        block = logits[start : start + ROW_BLOCK]
+        block += bias
+        r, log_r = normalise_with_log(block, out=resp[start : start + ROW_BLOCK])
+        entropy -= np.einsum("nk,nk->k", r, log_r)
+    counts_new = np.ones(resp.shape[0]) @ resp
+    sums_new = np.ascontiguousarray(np.asarray(X.T @ resp).T)
+    return LocalStep(resp, counts_new, sums_new, entropy)
 
 
-def normalise(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax by a stable log-sum-exp; ``logits`` becomes ``log r`` in place."""
-    return normalise_with_log(logits)[0]
-
-
-def normalise_with_log(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(r, log r)``, both ``(N, K)``; ``logits`` is overwritten with ``log r``.
+def normalise_with_log(logits: np.ndarray, out: np.ndarray | None = None):
+    """``(r, log r)``, both ``(N, K)``; ``logits`` is overwritten with ``log r`` and ``r`` is
+    written to ``out`` when given.
 
     Written as column passes because NumPy's row reductions over a short K are several times
     slower than K vectorised passes over N.
@@ -105,7 +131,7 @@ def normalise_with_log(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     for k in range(1, logits.shape[1]):
         np.maximum(peak, logits[:, k], out=peak)
     logits -= peak[:, None]
-    resp = np.exp(logits)
+    resp = np.exp(logits, out=out)
     total = resp @ np.ones(resp.shape[1])
     resp /= total[:, None]
     logits -= np.log(total)[:, None]
@@ -158,23 +184,30 @@ def relevance_step(spec: MixtureSpec, column_totals, n_rows, counts, sums, relev
     return cand[np.argmax(cand_values, axis=0), np.arange(D)]
 
 
-def state_from_resp(
-    problem: Problem, resp, relevance, ids, update_relevance=True, log_resp=None
+def state_from_resp(problem: Problem, resp, relevance, ids, update_relevance=True) -> VIState:
+    """Global step from responsibilities: their statistics, the ``c`` update, the ELBO."""
+    counts, sums, entropy = sufficient_stats(problem.X, resp)
+    return _global_step(
+        problem, LocalStep(resp, counts, sums, entropy), relevance, ids, update_relevance
+    )
+
+
+def _global_step(
+    problem: Problem, step: LocalStep, relevance, ids, update_relevance=True
 ) -> VIState:
-    """Global step: statistics of ``resp``, the ``c`` update, and the ELBO."""
-    counts, sums, entropy = sufficient_stats(problem.X, resp, log_resp)
+    """The ``c`` update (variable selection) and the ELBO at the optimal global factors."""
     if problem.spec.variable_selection and update_relevance:
         relevance = relevance_step(
-            problem.spec, problem.column_totals, problem.n_rows, counts, sums, relevance
+            problem.spec, problem.column_totals, problem.n_rows, step.counts, step.sums, relevance
         )
     return VIState(
-        resp,
-        counts,
-        sums,
-        entropy,
+        step.resp,
+        step.counts,
+        step.sums,
+        step.entropy,
         relevance,
         ids,
-        elbo_of(problem, counts, sums, entropy, relevance),
+        elbo_of(problem, step.counts, step.sums, step.entropy, relevance),
     )
 
 
@@ -193,17 +226,16 @@ def elbo_of(problem: Problem, counts, sums, entropy, relevance) -> float:
 
 def iterate(problem: Problem, state: VIState) -> VIState:
     """One full CAVI iteration; the ELBO never decreases."""
-    logits = log_joint(
+    step = local_step(
         problem.X, problem.spec, state.counts, state.sums, state.relevance, problem.prior_dim
     )
-    resp, log_resp = normalise_with_log(logits)
-    return state_from_resp(problem, resp, state.relevance, state.ids, log_resp=log_resp)
+    return _global_step(problem, step, state.relevance, state.ids)
 
 
 def drop_clusters(problem: Problem, state: VIState, drop: np.ndarray) -> VIState:
     """Remove clusters ``drop`` (mask) and give their rows to the others by a local step."""
     keep = ~drop
-    logits = log_joint(
+    step = local_step(
         problem.X,
         problem.spec,
         state.counts[keep],
@@ -211,8 +243,7 @@ def drop_clusters(problem: Problem, state: VIState, drop: np.ndarray) -> VIState
         state.relevance,
         problem.prior_dim,
     )
-    resp, log_resp = normalise_with_log(logits)
-    return state_from_resp(problem, resp, state.relevance, state.ids[keep], log_resp=log_resp)
+    return _global_step(problem, step, state.relevance, state.ids[keep])
 
 
 def initial_state(problem: Problem, labels: np.ndarray, n_components: int) -> VIState:
@@ -221,7 +252,7 @@ def initial_state(problem: Problem, labels: np.ndarray, n_components: int) -> VI
     resp[np.arange(problem.n_rows), labels] = 1.0
     counts, sums, _ = sufficient_stats(problem.X, resp)
     relevance = np.ones(problem.spec.n_features) if problem.spec.variable_selection else None
-    logits = log_joint(
+    step = local_step(
         problem.X,
         problem.spec,
         counts,
@@ -230,7 +261,7 @@ def initial_state(problem: Problem, labels: np.ndarray, n_components: int) -> VI
         problem.prior_dim,
         weight_counts=np.zeros(n_components),
     )
-    return state_from_resp(problem, normalise(logits), relevance, np.arange(n_components))
+    return _global_step(problem, step, relevance, np.arange(n_components))
 
 
 def summaries_of(problem: Problem, state: VIState) -> Summaries:
