@@ -107,6 +107,8 @@ class _Groups:
     def gain(self, i: int, others: np.ndarray) -> np.ndarray:
         """Gain of merging group ``i`` with each of ``others``; ``-inf`` where not admissible."""
         g = np.full(len(others), -np.inf)
+        if not self.alive[i]:
+            return g
         ok = self.alive[others] & ~(self.sites[others] & self.sites[i]).any(axis=1) & (others != i)
         if ok.any():
             idx = others[ok]
