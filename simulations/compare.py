@@ -473,6 +473,27 @@ def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str, stem: str = "co
     return [csv_path, md_path]
 
 
+def git_state() -> dict[str, Any] | None:
+    """Commit of the code that made the numbers and whether the work tree differed from it."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit or None, "modified_files": dirty.splitlines()}
+
+
 def provenance(cfg: Any) -> dict[str, Any]:
     """Where the numbers come from: config, seed, command line and package versions."""
     versions = {"python": platform.python_version()}
@@ -484,6 +505,7 @@ def provenance(cfg: Any) -> dict[str, Any]:
     return {
         "seed": _get(cfg, "seed", 0),
         "argv": list(sys.argv),
+        "git": git_state(),
         "config": json.loads(json.dumps(_plain(cfg), default=str)),
         "versions": versions,
     }
