@@ -37,6 +37,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -49,7 +50,9 @@ log = logging.getLogger("fedvi")
 #: Every comparator, in table order (``fedmerdel`` is the Flower run itself).
 METHODS = ("fedmerdel", "fedmerdel_core", "merdel_central", "stepmix", "kmodes", "kfed")
 #: Methods that never pool rows; their uplink bytes are reported.
-FEDERATED = ("fedmerdel", "fedmerdel_core", "kfed")
+FEDERATED = ("fedmerdel", "fedmerdel_core", "fedmerdel_plain", "kfed")
+#: With a variable-selection model, each MerDel fit is also run without selection, next to it.
+PLAIN = {"fedmerdel_core": "fedmerdel_plain", "merdel_central": "merdel_central_plain"}
 #: Methods given the true number of clusters.
 NEEDS_K = ("stepmix", "kmodes", "kfed")
 #: Table columns (``comparison.csv``).
@@ -188,8 +191,22 @@ class Problem:
         return dict(_plain(_get(self.cfg, f"comparator_options.{name}", {})) or {})
 
 
-def _model_kwargs(cfg: Any) -> dict[str, Any]:
-    """``fedvi`` model options shared by the core-based comparators (from ``cfg.model``)."""
+def with_plain(names: Sequence[str], cfg: Any) -> list[str]:
+    """``names`` plus, when the model selects variables, the same MerDel fits without
+    selection right after each (the plain model the selection is compared with)."""
+    if not bool(_get(cfg, "model.variable_selection", False)):
+        return list(names)
+    out = []
+    for name in names:
+        out.append(name)
+        if name in PLAIN:
+            out.append(PLAIN[name])
+    return out
+
+
+def _model_kwargs(cfg: Any, variable_selection: bool | None = None) -> dict[str, Any]:
+    """``fedvi`` model options shared by the core-based comparators (from ``cfg.model``);
+    ``variable_selection`` overrides the config's."""
     m = _get(cfg, "model", {}) or {}
     kw = {
         "likelihood": str(_get(m, "likelihood", "bernoulli")),
@@ -204,17 +221,19 @@ def _model_kwargs(cfg: Any) -> dict[str, Any]:
         "max_iter": int(_get(m, "max_iter", 1000)),
         "tol": float(_get(m, "tol", 1e-8)),
     }
+    if variable_selection is not None:
+        kw["variable_selection"] = bool(variable_selection)
     return kw
 
 
-def fit_fedmerdel_core(p: Problem):
+def fit_fedmerdel_core(p: Problem, variable_selection: bool | None = None):
     """:func:`fedvi.federated_fit` with the run's model and strategy options."""
     import fedvi
 
     s = _get(p.cfg, "strategy", {}) or {}
     res = fedvi.federated_fit(
         p.sites,
-        **_model_kwargs(p.cfg),
+        **_model_kwargs(p.cfg, variable_selection),
         merge=str(_get(s, "merge", "best_first")),
         labels=str(_get(s, "labels", "posterior")),
         refine_rounds=int(_get(s, "refine_rounds", 0)),
@@ -227,11 +246,11 @@ def fit_fedmerdel_core(p: Problem):
     return np.concatenate(res.labels), res.n_clusters, int(sum(res.uplink_bytes)), note
 
 
-def fit_merdel_central(p: Problem):
+def fit_merdel_central(p: Problem, variable_selection: bool | None = None):
     """:class:`fedvi.MixtureVI` (MerDel) on the pooled rows: the centralised reference."""
     import fedvi
 
-    kw = _model_kwargs(p.cfg)
+    kw = _model_kwargs(p.cfg, variable_selection)
     m = fedvi.MixtureVI(**kw, seed=p.seed).fit(p.X)
     note = f"K_init {kw['n_components']}"
     if kw["variable_selection"]:
@@ -328,6 +347,8 @@ def fit_kfed(p: Problem):
 FITTERS: dict[str, Callable[[Problem], tuple]] = {
     "fedmerdel_core": fit_fedmerdel_core,
     "merdel_central": fit_merdel_central,
+    "fedmerdel_plain": partial(fit_fedmerdel_core, variable_selection=False),
+    "merdel_central_plain": partial(fit_merdel_central, variable_selection=False),
     "stepmix": fit_stepmix,
     "kmodes": fit_kmodes,
     "kfed": fit_kfed,
@@ -387,6 +408,7 @@ def compare(
 ) -> list[MethodResult]:
     """Run ``methods`` (default ``cfg.comparators``) on ``sites``; one result per method."""
     names = method_names(methods if methods is not None else _get(cfg, "comparators", "all"))
+    names = with_plain(names, cfg)
     sites = list(sites)
     X = pooled(sites)
     z = None if truth is None else np.concatenate([np.asarray(t) for t in truth])

@@ -175,7 +175,10 @@ def test_small_version_of_each_study(preset, tmp_path):
     )
     sites, truth, _ = load_sites(cfg)
     rows = compare.run_comparators(cfg, sites, truth, None, str(tmp_path))
-    assert [r["method"] for r in rows] == [m for m in compare.METHODS if m != "fedmerdel"]
+    expected = compare.with_plain([m for m in compare.METHODS if m != "fedmerdel"], cfg)
+    assert [r["method"] for r in rows] == expected
+    if preset.startswith("varsel"):  # variable selection is shown next to the plain model
+        assert {"fedmerdel_plain", "merdel_central_plain"} <= set(expected)
     k_true = len(np.unique(np.concatenate(truth)))
     for r in rows:
         if r["status"].startswith("missing"):
