@@ -63,8 +63,7 @@ class FederatedResult:
     @property
     def cluster_profiles(self) -> np.ndarray:
         """``(G, P)`` posterior mean ``E[phi]`` of each global cluster."""
-        g = self.global_model
-        return self.spec.family().expected_phi(g.sums, g.counts, g.relevance)
+        return self.global_model.profiles()
 
     @property
     def uplink_bytes(self) -> list[int]:

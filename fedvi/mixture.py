@@ -163,8 +163,7 @@ class MixtureVI:
         self.moves_ = trace.moves.as_dict()
         alpha = self.alpha0 + state.counts
         self.weights_ = alpha / alpha.sum()
-        fam = self.spec_.family()
-        self.cluster_profiles_ = fam.expected_phi(state.sums, state.counts, state.relevance)
+        self.cluster_profiles_ = self._summaries.profiles()
         if self.variable_selection:
             self.variable_relevance_ = state.relevance.copy()
 

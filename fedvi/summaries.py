@@ -56,6 +56,20 @@ class Summaries:
     def n_clusters(self) -> int:
         return len(self.counts)
 
+    def profiles(self) -> np.ndarray:
+        """``(K, P)`` posterior mean of ``P(x_d = l | cluster k)`` (one-hot blocks for
+        categorical; ``P(x_d = 1)`` for Bernoulli).
+
+        With variable selection, ``c_d E[phi_kd] + (1 - c_d) phi0_d``: an irrelevant variable's
+        profile is its pooled frequency ``phi0_d = T_d / N``, shared by all clusters.
+        """
+        fam = self.spec.family()
+        phi = fam.expected_phi(self.sums, self.counts, self.relevance)
+        if self.relevance is None:
+            return phi
+        c = self.relevance[fam.block_index()]
+        return c * phi + (1.0 - c) * (self.column_totals / self.n_rows)
+
     def subset(self, keep: np.ndarray) -> Summaries:
         """The statistics of clusters ``keep`` only (indices or boolean mask)."""
         return replace(

@@ -89,7 +89,7 @@ class FedMerDelOutcome:
     def cluster_profiles(self) -> np.ndarray:
         """``(G, P)`` posterior mean ``E[phi]`` of each global cluster."""
         g = self.posterior
-        return g.spec.family().expected_phi(g.sums, g.counts, g.relevance)
+        return g.profiles()
 
 
 _SITE_ERROR = re.compile(r"site (\d+) failed in phase '[^']*': [^\n]*?(?='>|\n|$)")

@@ -96,3 +96,13 @@ def test_meanfield_update_is_available_and_monotone(data):
     assert spec.to_dict()["relevance_update"] == "meanfield"
     with pytest.raises(ValueError, match="relevance_update"):
         fedvi.MixtureSpec("bernoulli", (2,) * 3, relevance_update="other")
+
+
+def test_profiles_of_noise_variables_are_their_pooled_frequency(data, selected):
+    """A deselected variable's cluster profile is its column frequency, the same in every
+    cluster (not the prior mean 0.5 that q(phi) falls back to when c_d = 0)."""
+    X, _ = data
+    prof = selected.cluster_profiles_
+    freq = X.mean(axis=0)
+    np.testing.assert_allclose(prof[:, N_INFORMATIVE:], np.tile(freq[N_INFORMATIVE:], (5, 1)))
+    assert np.ptp(prof[:, :N_INFORMATIVE], axis=0).min() > 0.2
