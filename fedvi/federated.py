@@ -148,6 +148,8 @@ def federated_fit(
     move_every: int = 5,
     delete_iters: int = 3,
     delete_order: str = "smallest",
+    backend: str = "numpy",
+    device: str = "cpu",
     max_iter: int = 1000,
     tol: float = 1e-8,
     seed: int | None = 0,
@@ -179,6 +181,8 @@ def federated_fit(
         move_every=move_every,
         delete_iters=delete_iters,
         delete_order=delete_order,
+        backend=backend,
+        device=device,
         max_iter=max_iter,
         tol=tol,
     )

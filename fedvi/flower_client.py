@@ -157,6 +157,15 @@ class FedviClient(NumPyClient):
             **extra,
         )
 
+    def fit_options(self, config: dict) -> dict:
+        """The run's fit options; the site's own ``backend``/``device`` node config (its
+        hardware) overrides the run's."""
+        opts = json.loads(str(config["fit_options"]))
+        for key in ("backend", "device"):
+            if self.node_config.get(key):
+                opts[key] = str(self.node_config[key])
+        return opts
+
     def _local(self, parameters, config):
         t0 = time.perf_counter()
         table = self.load(config)
@@ -167,7 +176,7 @@ class FedviClient(NumPyClient):
             spec,
             int(config["n_components"]),
             seed=site_seed(int(config["seed"]), self.partition_id),
-            options=fedvi.FitOptions(**json.loads(str(config["fit_options"]))),
+            options=fedvi.FitOptions(**self.fit_options(config)),
             min_cluster_size=int(config["min_cluster_size"]),
             source=f"{self.name} ({table.path})",
         )

@@ -40,8 +40,14 @@ class FitOptions:
     tol: float = 1e-8
     n_stable: int = 3
     empty_threshold: float = 1e-6
+    backend: str = "numpy"
+    device: str = "cpu"
 
     def __post_init__(self):
+        from fedvi.backends import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.delete_order not in ("smallest", "largest"):
             raise ValueError(
                 f"delete_order must be 'smallest' or 'largest', got {self.delete_order!r}"

@@ -55,6 +55,8 @@ class MixtureVI:
     moves : {"merdel", "paper", "none"}, default "merdel"
         Move schedule (see :mod:`fedvi.merdel`).
     move_every, delete_iters, delete_order, max_iter, tol : see :class:`fedvi.merdel.FitOptions`.
+    backend : {"numpy", "torch"}, default "numpy"; device : str, default "cpu"
+        Where the local step runs (SPEC §9); torch is optional, same results in float64.
     seed : int, default 0
         Seed of the k-modes initialisation; the same seed gives the same fit.
     feature_names : sequence of str, optional
@@ -86,6 +88,8 @@ class MixtureVI:
         move_every: int = 5,
         delete_iters: int = 3,
         delete_order: str = "smallest",
+        backend: str = "numpy",
+        device: str = "cpu",
         max_iter: int = 1000,
         tol: float = 1e-8,
         seed: int | None = 0,
@@ -103,6 +107,8 @@ class MixtureVI:
         self.move_every = move_every
         self.delete_iters = delete_iters
         self.delete_order = delete_order
+        self.backend = backend
+        self.device = device
         self.max_iter = max_iter
         self.tol = tol
         self.seed = seed
@@ -115,6 +121,8 @@ class MixtureVI:
             move_every=self.move_every,
             delete_iters=self.delete_iters,
             delete_order=self.delete_order,
+            backend=self.backend,
+            device=self.device,
             max_iter=self.max_iter,
             tol=self.tol,
         )
@@ -130,7 +138,9 @@ class MixtureVI:
         options = self._options()
         data = encode(X, self.likelihood, self.n_levels, min_rows=2, source=source)
         self.spec_ = self._spec(data)
-        problem = Problem.build(data.matrix, self.spec_, int(self.n_components))
+        problem = Problem.build(
+            data.matrix, self.spec_, int(self.n_components), options.backend, options.device
+        )
         state, trace = fit_problem(problem, options, self.seed)
         state, trace = prune(problem, state, 1, options, trace)
         self._store(problem, order_by_size(state), trace)

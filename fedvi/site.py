@@ -64,7 +64,7 @@ def fit_site(
             f"site{' ' + source if source else ''} has {data.n_rows} rows; at least "
             f"{min_rows} are needed (min_cluster_size={min_cluster_size})"
         )
-    problem = Problem.build(data.matrix, spec, int(n_components))
+    problem = Problem.build(data.matrix, spec, int(n_components), options.backend, options.device)
     state, trace = fit_problem(problem, options, seed)
     state, trace = prune(problem, state, max(1, int(min_cluster_size)), options, trace)
     state = order_by_size(state)

@@ -6,7 +6,8 @@ product ``R.T @ X``), then the closed-form global step and ELBO from the statist
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -22,18 +23,28 @@ class Problem:
     """A site's data with the model it is fitted under.
 
     X: ``(N, P)`` design matrix (dense float64 or CSR). column_totals: ``(P,)``.
-    prior_dim: ``K0``, fixed for the whole fit.
+    prior_dim: ``K0``, fixed for the whole fit. accel: the local step on another backend
+    (:class:`fedvi.backends.TorchLocalStep`), or ``None`` for NumPy.
     """
 
     X: np.ndarray | sp.csr_matrix
     spec: MixtureSpec
     prior_dim: int
     column_totals: np.ndarray
+    accel: Callable | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def build(cls, X, spec: MixtureSpec, prior_dim: int) -> Problem:
+    def build(
+        cls, X, spec: MixtureSpec, prior_dim: int, backend: str = "numpy", device: str = "cpu"
+    ) -> Problem:
         totals = np.asarray(X.sum(axis=0), dtype=np.float64).ravel()
-        return cls(X, spec, prior_dim, totals)
+        accel = None
+        if backend != "numpy":
+            from fedvi.backends import TorchLocalStep, check_backend
+
+            check_backend(backend, device)
+            accel = TorchLocalStep(X, device)
+        return cls(X, spec, prior_dim, totals, accel)
 
     @property
     def n_rows(self) -> int:
@@ -100,13 +111,16 @@ class LocalStep:
 
 
 def local_step(
-    X, spec: MixtureSpec, counts, sums, relevance, prior_dim, weight_counts=None
+    X, spec: MixtureSpec, counts, sums, relevance, prior_dim, weight_counts=None, accel=None
 ) -> LocalStep:
     """The local update (SPEC §3) and the statistics of its responsibilities: one product
-    ``X @ W.T`` plus a bias, a stable log-sum-exp, and one product ``X.T @ R``."""
+    ``X @ W.T`` plus a bias, a stable log-sum-exp, and one product ``X.T @ R``. ``accel``
+    runs the same on another backend (:mod:`fedvi.backends`)."""
     W, bias = spec.family().log_likelihood_weights(sums, counts, relevance)
     wc = counts if weight_counts is None else weight_counts
     bias = bias + expected_log_weights(wc, spec.alpha0, prior_dim)
+    if accel is not None:
+        return LocalStep(*accel(W, bias))
     logits = np.asarray(X @ W.T)
     resp = np.empty_like(logits)
     entropy = np.zeros(W.shape[0])
@@ -227,7 +241,13 @@ def elbo_of(problem: Problem, counts, sums, entropy, relevance) -> float:
 def iterate(problem: Problem, state: VIState) -> VIState:
     """One full CAVI iteration; the ELBO never decreases."""
     step = local_step(
-        problem.X, problem.spec, state.counts, state.sums, state.relevance, problem.prior_dim
+        problem.X,
+        problem.spec,
+        state.counts,
+        state.sums,
+        state.relevance,
+        problem.prior_dim,
+        accel=problem.accel,
     )
     return _global_step(problem, step, state.relevance, state.ids)
 
@@ -242,6 +262,7 @@ def drop_clusters(problem: Problem, state: VIState, drop: np.ndarray) -> VIState
         state.sums[keep],
         state.relevance,
         problem.prior_dim,
+        accel=problem.accel,
     )
     return _global_step(problem, step, state.relevance, state.ids[keep])
 
@@ -260,6 +281,7 @@ def initial_state(problem: Problem, labels: np.ndarray, n_components: int) -> VI
         relevance,
         problem.prior_dim,
         weight_counts=np.zeros(n_components),
+        accel=problem.accel,
     )
     return _global_step(problem, step, relevance, np.arange(n_components))
 

@@ -68,6 +68,8 @@ def fit_options(model_cfg) -> dict:
         "delete_order": str(model_cfg.get("delete_order", "smallest")),
         "max_iter": int(model_cfg.get("max_iter", 1000)),
         "tol": float(model_cfg.get("tol", 1e-8)),
+        "backend": str(model_cfg.get("backend", "numpy")),
+        "device": str(model_cfg.get("device", "cpu")),
     }
 
 
