@@ -60,7 +60,7 @@ class MixtureVI:
     seed : int, default 0
         Seed of the k-modes initialisation; the same seed gives the same fit.
     feature_names : sequence of str, optional
-        Variable names, recorded in the schema.
+        Variable names, recorded in the schema (a DataFrame's columns when not given).
 
     Attributes
     ----------
@@ -136,8 +136,11 @@ class MixtureVI:
         """Fit on ``X`` of shape ``(N, D)``; ``y`` is ignored."""
         self._check_params()
         options = self._options()
+        names = self.feature_names
+        if names is None and hasattr(X, "columns"):  # a pandas DataFrame names its variables
+            names = [str(c) for c in X.columns]
         data = encode(X, self.likelihood, self.n_levels, min_rows=2, source=source)
-        self.spec_ = self._spec(data)
+        self.spec_ = self._spec(data, names)
         problem = Problem.build(
             data.matrix, self.spec_, int(self.n_components), options.backend, options.device
         )
@@ -146,7 +149,7 @@ class MixtureVI:
         self._store(problem, order_by_size(state), trace)
         return self
 
-    def _spec(self, data: EncodedData) -> MixtureSpec:
+    def _spec(self, data: EncodedData, names=None) -> MixtureSpec:
         return MixtureSpec(
             likelihood=self.likelihood,
             n_levels=tuple(int(v) for v in data.n_levels),
@@ -155,7 +158,7 @@ class MixtureVI:
             variable_selection=bool(self.variable_selection),
             relevance_prior=tuple(self.relevance_prior),
             relevance_update=self.relevance_update,
-            feature_names=None if self.feature_names is None else tuple(self.feature_names),
+            feature_names=None if names is None else tuple(names),
         )
 
     def _store(self, problem: Problem, state: VIState, trace: FitTrace) -> None:

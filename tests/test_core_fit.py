@@ -153,3 +153,11 @@ def test_fit_options_paper_schedule_tries_one_merge_per_sweep(binary):
     n_sweeps = paper.n_iter_ // (paper.move_every + paper.delete_iters) + 1
     assert paper.moves_["merge_tried"] <= n_sweeps
     assert FitOptions(moves="paper").move_every == 5
+
+
+def test_dataframe_columns_name_the_variables(binary):
+    pd = pytest.importorskip("pandas", reason="pandas is not a dependency of fedvi")
+    frame = pd.DataFrame(binary.X, columns=[f"cond_{d}" for d in range(binary.X.shape[1])])
+    m = fedvi.MixtureVI(seed=0).fit(frame)
+    assert m.spec_.feature_names[:2] == ("cond_0", "cond_1")
+    np.testing.assert_array_equal(m.labels_, fedvi.MixtureVI(seed=0).fit(binary.X).labels_)
