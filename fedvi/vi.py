@@ -73,20 +73,18 @@ class VIState:
         return len(self.counts)
 
 
-def sufficient_stats(X, resp: np.ndarray, log_resp: np.ndarray | None = None):
-    """``counts (K,)``, ``sums (K, P)``, ``entropy (K,)`` of rows ``X`` under ``resp (N, K)``.
-
-    ``log_resp``, when the local step has it, gives the entropy without another log pass.
-    """
+def counts_and_sums(X, resp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``counts (K,)`` and ``sums (K, P)`` of rows ``X`` under ``resp (N, K)``."""
     counts = np.ones(resp.shape[0]) @ resp
     # (X.T @ R).T, not R.T @ X: the latter hits a slow BLAS path for tall R (12 s vs 0.35 s
     # at N = 1e6, D = 100, K = 20).
-    sums = np.asarray((X.T @ resp).T)
-    if log_resp is None:
-        entropy = -xlogy(resp, resp).sum(axis=0)
-    else:
-        entropy = -np.einsum("nk,nk->k", resp, log_resp)
-    return counts, np.ascontiguousarray(sums), entropy
+    return counts, np.ascontiguousarray(np.asarray(X.T @ resp).T)
+
+
+def sufficient_stats(X, resp: np.ndarray):
+    """``counts (K,)``, ``sums (K, P)``, ``entropy (K,)`` of rows ``X`` under ``resp (N, K)``."""
+    counts, sums = counts_and_sums(X, resp)
+    return counts, sums, -xlogy(resp, resp).sum(axis=0)
 
 
 def expected_log_weights(counts: np.ndarray, alpha0: float, prior_dim: int) -> np.ndarray:
@@ -129,9 +127,7 @@ def local_step(
         block += bias
         r, log_r = normalise_with_log(block, out=resp[start : start + ROW_BLOCK])
         entropy -= np.einsum("nk,nk->k", r, log_r)
-    counts_new = np.ones(resp.shape[0]) @ resp
-    sums_new = np.ascontiguousarray(np.asarray(X.T @ resp).T)
-    return LocalStep(resp, counts_new, sums_new, entropy)
+    return LocalStep(resp, *counts_and_sums(X, resp), entropy)
 
 
 def normalise_with_log(logits: np.ndarray, out: np.ndarray | None = None):
