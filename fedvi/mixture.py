@@ -8,10 +8,11 @@ import numpy as np
 
 from fedvi.data import EncodedData, check_likelihood, encode
 from fedvi.init import kmodes_labels
+from fedvi.labels import global_responsibilities
 from fedvi.merdel import FitOptions, FitTrace, prune, run
 from fedvi.spec import MixtureSpec
 from fedvi.summaries import Summaries
-from fedvi.vi import Problem, VIState, initial_state, local_step, summaries_of
+from fedvi.vi import Problem, VIState, initial_state, summaries_of
 
 
 def order_by_size(state: VIState) -> VIState:
@@ -163,10 +164,6 @@ class MixtureVI:
 
     def _store(self, problem: Problem, state: VIState, trace: FitTrace) -> None:
         self._summaries = summaries_of(problem, state)
-        self.counts_ = state.counts
-        self.sums_ = state.sums
-        self.entropy_ = state.entropy
-        self.relevance_ = state.relevance
         self.labels_ = np.argmax(state.resp, axis=1)
         self.n_clusters_ = state.n_clusters
         self.elbo_ = float(state.elbo)
@@ -189,15 +186,7 @@ class MixtureVI:
         """``(N, K)`` responsibilities of new rows under the fitted posterior."""
         self._check_fitted()
         data = encode(X, self.likelihood, self.spec_.n_levels, n_features=self.spec_.n_features)
-        step = local_step(
-            data.matrix,
-            self.spec_,
-            self.counts_,
-            self.sums_,
-            self.relevance_,
-            self._summaries.prior_dim,
-        )
-        return step.resp
+        return global_responsibilities(data, self._summaries)
 
     def predict(self, X) -> np.ndarray:
         """``(N,)`` most probable cluster of each row."""
