@@ -1,53 +1,67 @@
 """fedvi: federated variational Bayesian clustering of binary and categorical data.
 
-Module layout (pure maths inside, side effects at the edges; no Flower or Hydra here):
+The core needs NumPy and SciPy only (no Flower, no Hydra). Module layout, pure maths inside and
+side effects at the edges (the method is explained in docs/method.md):
 
-- ``data``: validation and encoding of a site's table (errors name column and value).
-- ``likelihoods``: Bernoulli/Beta and Categorical/Dirichlet families as functions of stats.
-- ``spec``: ``MixtureSpec``, the model and schema every site shares (and its hashes).
-- ``summaries``: ``Summaries``, the per-cluster statistics a site sends (no rows).
-- ``elbo``: the ELBO and merge gains from summaries alone.
-- ``vi``: vectorised CAVI steps (one ``X @ W.T`` per local step). ``init``: k-modes start.
-- ``moves``, ``merdel``: merge/delete moves and the local fitting loop.
-- ``mixture``: ``MixtureVI``, the single-site estimator (scikit-learn style).
-- ``site``, ``global_merge``, ``labels``, ``federated``: the FedMerDel pipeline pieces
-  (site fit, server merge, labelling/refinement) and ``federated_fit`` which chains them.
-
-Each module holds one step of SPEC.md so that the Flower client and strategy call exactly
-the functions that ``federated_fit`` calls.
+- settings, one frozen dataclass per group, checked once: ``spec`` (:class:`MixtureSpec`, the
+  model), ``options`` (:class:`FitOptions`, the local fit; :class:`ServerOptions`, the server),
+  ``policy`` (:class:`SitePolicy`, what a site allows), ``settings`` (the machinery);
+- data: ``data`` (validation, compact encoding, blocks of rows), ``io`` (files: CSV, Parquet,
+  NumPy), ``simulate``;
+- maths: ``likelihoods``, ``summaries`` (:class:`Summaries`, the statistics a site sends, with
+  their arithmetic), ``elbo``, ``vi`` (streamed CAVI passes), ``init`` (k-modes), ``moves`` and
+  ``merdel`` (merge/delete moves and the local loop), ``global_merge``, ``labels``,
+  ``privacy`` (disclosure floor, differential privacy);
+- pipelines: ``site`` (:func:`fit_site`), ``mixture`` (:class:`MixtureVI`), ``federated``
+  (:func:`federated_fit`, :func:`extend`), ``model`` (:class:`FittedModel`, model files),
+  ``result`` (:class:`FederatedResult`);
+- the Flower layer lives in ``fedvi.flower`` (the site's ClientApp) and ``fedvi.protocol`` (the
+  wire format shared with the server in ``strategies/``); nothing here imports Flower.
 """
 
-from fedvi.data import EncodedData, encode
+from fedvi.data import DataError, EncodedData, encode
 from fedvi.elbo import elbo
-from fedvi.federated import FederatedResult, federated_fit, shared_spec
+from fedvi.federated import extend, federated_fit
 from fedvi.global_merge import GlobalMerge, SchemaMismatchError, global_merge
-from fedvi.labels import combine_refinement, label_rows, map_labels, refinement_stats
-from fedvi.merdel import FitOptions
+from fedvi.labels import label_rows, map_labels, refinement_stats
+from fedvi.merdel import ConvergenceWarning
 from fedvi.mixture import MixtureVI
-from fedvi.site import SiteFit, encode_site, fit_site
+from fedvi.model import FittedModel, load_model
+from fedvi.options import FitOptions, ServerOptions
+from fedvi.policy import PolicyRefusal, SitePolicy
+from fedvi.result import FederatedResult, SiteReport
+from fedvi.settings import InvalidSetting
+from fedvi.site import SiteFit, fit_site
 from fedvi.spec import MixtureSpec
 from fedvi.summaries import Summaries
 
 __all__ = [
+    "ConvergenceWarning",
+    "DataError",
     "EncodedData",
     "FederatedResult",
     "FitOptions",
+    "FittedModel",
     "GlobalMerge",
+    "InvalidSetting",
     "MixtureSpec",
     "MixtureVI",
+    "PolicyRefusal",
     "SchemaMismatchError",
+    "ServerOptions",
     "SiteFit",
+    "SitePolicy",
+    "SiteReport",
     "Summaries",
-    "combine_refinement",
     "elbo",
     "encode",
-    "encode_site",
+    "extend",
     "federated_fit",
     "fit_site",
     "global_merge",
     "label_rows",
+    "load_model",
     "map_labels",
     "refinement_stats",
-    "shared_spec",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,10 +1,12 @@
-"""Compute backends of the local step (SPEC §9).
+"""Compute backends of the local step.
 
-``"numpy"`` (default) runs :func:`fedvi.vi.local_step` with NumPy/SciPy. ``"torch"`` runs the
-same step with PyTorch on ``device`` (``"cpu"`` or ``"cuda"``) for large sites: the design
-matrix is copied to the device once, each iteration sends ``W (K, P)`` and gets back the
-responsibilities and their statistics, in float64 (results equal NumPy's to round-off).
-torch is optional (``pip install torch``; a CPU build is enough) and imported only here.
+``"numpy"`` (default) streams the table in blocks (:func:`fedvi.vi.run_pass`). ``"torch"``
+runs the same step with PyTorch on ``device`` (``"cpu"`` or ``"cuda"``) for large sites: the
+whole design matrix is copied to the device once (so its memory is the device's, not bounded by
+a block), each iteration sends ``W (K, P)`` and gets back the responsibilities and their
+statistics, in float64 (results equal NumPy's to round-off). Tables with missing cells use the
+NumPy backend. torch is optional (``pip install torch``; a CPU build is enough) and imported
+only here.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ def check_backend(backend: str, device: str = "cpu") -> None:
 
 
 class TorchLocalStep:
-    """The local step on a torch device. ``X``: ``(N, P)`` dense array or CSR, float64."""
+    """The local step on a torch device, for an :class:`fedvi.data.EncodedData` table."""
 
-    def __init__(self, X, device: str = "cpu"):
+    def __init__(self, data, device: str = "cpu"):
         import torch
 
         check_backend("torch", device)
+        X, _ = data.design(np.float64)
         self.torch = torch
         self.device = torch.device(device)
         if sp.issparse(X):
@@ -75,3 +78,9 @@ class TorchLocalStep:
         sums = (self.XT @ r).T if self.XT is not None else (self.X.T @ r).T
         out = (r, r.sum(dim=0), sums.contiguous(), entropy)
         return tuple(a.cpu().numpy() for a in out)
+
+    def sums(self, r: np.ndarray) -> np.ndarray:
+        """``(K, P)`` ``R.T @ X`` for responsibilities ``r (N, K)``."""
+        rt = self.torch.from_numpy(np.ascontiguousarray(r)).to(self.device)
+        sums = (self.XT @ rt).T if self.XT is not None else (self.X.T @ rt).T
+        return sums.contiguous().cpu().numpy()

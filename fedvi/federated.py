@@ -1,30 +1,39 @@
-"""``federated_fit``: the whole FedMerDel pipeline in one process.
+"""The whole FedMerDel pipeline in one process: :func:`federated_fit` and :func:`extend`.
 
-Local MerDel on every site, one-shot summaries, the global merge, optional refinement rounds
-and labelling on the sites. This is the reference that the Flower app reproduces: each step
-here is the same core function that a Flower client or the strategy calls.
+Local MerDel on every site, one-shot summaries, the global merge, refinement rounds and
+labelling on the sites. This is the reference that the Flower app reproduces: each step here
+is the same core function that a Flower site or the strategy calls, under the same settings
+(:class:`MixtureSpec`, :class:`FitOptions`, :class:`ServerOptions`, one :class:`SitePolicy`
+per site).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
-from fedvi.data import check_levels, check_likelihood, encode
+from fedvi.data import EncodedData, encode, site_list
 from fedvi.elbo import elbo
 from fedvi.global_merge import GlobalMerge, global_merge
-from fedvi.labels import (
-    LABEL_MODES,
-    combine_refinement,
-    label_rows,
-    map_labels,
-    refinement_stats,
+from fedvi.labels import label_counts, label_rows, map_labels, refinement_stats
+from fedvi.model import FittedModel
+from fedvi.options import FitOptions, ServerOptions
+from fedvi.policy import PolicyRefusal, SitePolicy
+from fedvi.privacy import (
+    Accountant,
+    effective_epsilon,
+    noisy_counts,
+    noisy_release,
+    suppress_counts,
 )
-from fedvi.merdel import FitOptions
-from fedvi.site import SiteFit, fit_site
+from fedvi.result import FederatedResult, SiteReport
+from fedvi.settings import numpydoc, split_options
+from fedvi.site import fit_site
 from fedvi.spec import MixtureSpec
 from fedvi.summaries import Summaries
+from fedvi.vi import relevance_step
 
 
 def site_seed(seed: int | None, site: int) -> int | None:
@@ -32,182 +41,315 @@ def site_seed(seed: int | None, site: int) -> int | None:
     return None if seed is None else int(seed) + int(site)
 
 
-@dataclass(frozen=True)
-class FederatedResult:
-    """Outcome of :func:`federated_fit`.
-
-    labels: one ``(N_b,)`` array per site of global cluster ids ``0..n_clusters-1``.
-    global_model: :class:`Summaries` of the global clusters (the global posterior).
-    mapping: one ``(K_b,)`` array per site: global cluster of each local cluster.
-    elbo: global ELBO after the merge and any refinement; elbo_history: after each step.
-    site_summaries: what each site sent. variable_relevance: ``(D,)`` or ``None``.
-    """
-
-    labels: list[np.ndarray]
-    global_model: Summaries
-    mapping: list[np.ndarray]
-    elbo: float
-    elbo_history: list[float]
-    site_summaries: list[Summaries]
-    merge: GlobalMerge
-    spec: MixtureSpec
-
-    @property
-    def n_clusters(self) -> int:
-        return self.global_model.n_clusters
-
-    @property
-    def variable_relevance(self) -> np.ndarray | None:
-        return self.global_model.relevance
-
-    @property
-    def cluster_profiles(self) -> np.ndarray:
-        """``(G, P)`` posterior mean ``E[phi]`` of each global cluster."""
-        return self.global_model.profiles()
-
-    @property
-    def uplink_bytes(self) -> list[int]:
-        return [s.nbytes() for s in self.site_summaries]
+def policies_for(policy, n_sites: int) -> list[SitePolicy]:
+    """One :class:`SitePolicy` per site from ``None`` (defaults), one policy, or a list."""
+    if policy is None:
+        return [SitePolicy()] * n_sites
+    if isinstance(policy, SitePolicy):
+        return [policy] * n_sites
+    out = list(policy)
+    if len(out) != n_sites or not all(isinstance(p, SitePolicy) for p in out):
+        raise ValueError(f"policy: give one SitePolicy or a list of {n_sites} (one per site)")
+    return out
 
 
-def shared_spec(
-    datasets,
-    likelihood: str,
-    n_levels=None,
-    alpha0: float = 0.01,
-    beta: float | None = None,
-    variable_selection: bool = False,
-    relevance_prior=(2.0, 2.0),
-    feature_names=None,
-    relevance_update: str = "collapsed",
-) -> MixtureSpec:
-    """The model all sites fit. Categorical levels not given are the union of the sites'
-    (largest code seen at any site + 1), i.e. what a schema round would agree on."""
-    check_likelihood(likelihood)
-    if not datasets:
-        raise ValueError("federated_fit needs at least one site's data")
-    widths = []
-    for b, X in enumerate(datasets):
-        shape = getattr(X, "shape", None)
-        if shape is None or len(shape) != 2:
-            raise ValueError(f"site {b}: data must be a 2-D table, got shape {shape}")
-        widths.append(shape[1])
+def check_request(spec: MixtureSpec, policy: SitePolicy) -> None:
+    """Refuse a model the site's policy does not allow (names the rule, not the data)."""
+    if spec.n_components > policy.max_components:
+        raise PolicyRefusal(
+            "max-components",
+            f"n_components={spec.n_components} exceeds this site's cap of {policy.max_components}",
+        )
+
+
+def site_fit_options(fit: FitOptions, policy: SitePolicy) -> FitOptions:
+    """The run's fit options with the site's own backend/device (its hardware)."""
+    changes = {k: getattr(policy, k) for k in ("backend", "device") if getattr(policy, k)}
+    if changes.get("backend") == "numpy" and "device" not in changes:
+        changes["device"] = "cpu"
+    return dataclasses.replace(fit, **changes) if changes else fit
+
+
+def shared_spec(tables: Sequence, spec: MixtureSpec) -> tuple[MixtureSpec, list[EncodedData]]:
+    """Encode every site's table and agree on one resolved model: the variable names (the
+    model's, else the first named table's: every other named table is aligned to them by name)
+    and, for categorical data without ``n_levels``, the levels (largest code seen at any site +
+    1, what a schema round would agree on)."""
+    encoded = []
+    for b, X in enumerate(tables):
+        data = encode(X, spec, source=f"site {b}")
+        if spec.feature_names is None and data.feature_names is not None:
+            spec = dataclasses.replace(spec, feature_names=data.feature_names)
+        encoded.append(data)
+    widths = [d.n_features for d in encoded]
     if len(set(widths)) > 1:
         raise ValueError(
             "mismatched schemas between sites: numbers of columns are "
             + ", ".join(f"site {b}: {w}" for b, w in enumerate(widths))
         )
-    D = widths[0]
-    if likelihood == "bernoulli":
-        levels = np.full(D, 2)
-    elif n_levels is not None:
-        levels = check_levels(n_levels, D)
-    else:
-        levels = np.max(
-            [encode(X, "categorical", source=f"site {b}").n_levels for b, X in enumerate(datasets)],
-            axis=0,
-        )
-    return MixtureSpec(
-        likelihood=likelihood,
-        n_levels=tuple(int(v) for v in levels),
-        alpha0=alpha0,
-        beta=beta,
-        variable_selection=variable_selection,
-        relevance_prior=tuple(relevance_prior),
-        feature_names=None if feature_names is None else tuple(feature_names),
-        relevance_update=relevance_update,
+    levels = np.max([d.n_levels for d in encoded], axis=0)
+    if spec.likelihood == "categorical" and spec.n_levels is not None:
+        levels = encoded[0].n_levels
+    resolved = spec.resolve(levels, spec.feature_names)
+    encoded = [encode(d, resolved, source=f"site {b}") for b, d in enumerate(encoded)]
+    return resolved, encoded
+
+
+def combine_refinement(
+    posterior: Summaries,
+    site_stats: Sequence[Summaries],
+    fixed: Sequence[Summaries] = (),
+    noisy: bool = False,
+    empty_threshold: float = 1e-6,
+) -> tuple[Summaries, bool, np.ndarray]:
+    """Sum the sites' refinement statistics (and the ``fixed`` contributions of sites that do
+    not take part) into the next global posterior; ``(posterior, accepted, kept)`` where
+    ``kept (G,)`` marks the previous clusters that survive (empty ones are removed).
+
+    A round is one CAVI iteration on the pooled rows (restricted, at sites that apply their
+    disclosure floor, to the clusters they may release), so it is accepted only if the ELBO
+    does not fall; otherwise the previous posterior is returned with ``accepted=False``. Column
+    totals are those of the one-shot summaries (the same rows). ``noisy``: the statistics carry
+    differential-privacy noise, so the ELBO is not comparable and every round is accepted. The
+    ``c_d`` update (variable selection) runs here, on the summed statistics.
+    """
+    summed = Summaries.add([*site_stats, *fixed], like=posterior)
+    new = dataclasses.replace(
+        summed,
+        column_totals=posterior.column_totals,
+        column_observed=posterior.column_observed,
+        n_rows=posterior.n_rows,
     )
+    keep = new.counts >= empty_threshold
+    if not keep.all():
+        new = new.subset(keep)
+    if new.spec.variable_selection:
+        new = dataclasses.replace(new, relevance=relevance_step(new, new.relevance))
+    if not noisy and elbo(new) < elbo(posterior) - 1e-8 * abs(elbo(posterior)):
+        return posterior, False, np.ones(posterior.n_clusters, dtype=bool)
+    return new, True, keep
 
 
-def refine(posterior: Summaries, site_data, rounds: int) -> tuple[Summaries, list[float]]:
-    """``rounds`` refinement rounds (SPEC §7); returns the posterior and the ELBO after each."""
-    history = []
-    for _ in range(int(rounds)):
-        posterior = combine_refinement(
-            posterior, [refinement_stats(d, posterior) for d in site_data]
-        )
-        history.append(elbo(posterior))
-    return posterior, history
+def fixed_contribution(summaries: Summaries, mapping: np.ndarray, n_clusters: int) -> Summaries:
+    """A site's one-shot statistics per global cluster (what it contributes when it does not
+    take part in refinement): its local clusters summed by ``mapping``."""
+    return summaries.combine(mapping, n_clusters)
+
+
+def _dp_release(stats: Summaries, accountant: Accountant, floor: int, rng) -> Summaries:
+    return noisy_release(stats, accountant.spend(), rng, floor)
 
 
 def federated_fit(
     datasets,
-    likelihood: str = "bernoulli",
-    n_components: int = 20,
-    alpha0: float = 0.01,
-    beta: float | None = None,
-    n_levels=None,
-    variable_selection: bool = False,
-    relevance_prior=(2.0, 2.0),
-    relevance_update: str = "collapsed",
-    merge: str = "best_first",
-    labels: str = "posterior",
-    refine_rounds: int = 0,
-    min_cluster_size: int = 5,
-    moves: str = "merdel",
-    move_every: int = 5,
-    delete_iters: int = 3,
-    delete_order: str = "smallest",
-    backend: str = "numpy",
-    device: str = "cpu",
-    max_iter: int = 1000,
-    tol: float = 1e-8,
+    likelihood: str | None = None,
+    *,
     seed: int | None = 0,
-    feature_names=None,
+    policy: SitePolicy | Sequence[SitePolicy] | None = None,
+    site_ids: Sequence[int] | None = None,
+    **options,
 ) -> FederatedResult:
-    """Cluster the pooled population of several sites without pooling their rows.
-
-    ``datasets``: one ``(N_b, D)`` table per site (dense or sparse for Bernoulli). Site ``b``
-    fits with seed ``seed + b``. ``merge``: ``"best_first"`` (default) or ``"paper"``.
-    ``labels``: ``"posterior"`` (local step under the global posterior, default) or ``"map"``
-    (global id of each row's local cluster). ``refine_rounds``: CAVI rounds on the pooled
-    statistics after the merge; each never lowers the ELBO.
-    """
-    if labels not in LABEL_MODES:
-        raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
-    spec = shared_spec(
-        datasets,
-        likelihood,
-        n_levels,
-        alpha0,
-        beta,
-        variable_selection,
-        relevance_prior,
-        feature_names,
-        relevance_update,
+    """Cluster the pooled population of several sites without pooling their rows."""
+    if likelihood is not None:
+        options["likelihood"] = likelihood
+    spec, fit, server = split_options(
+        options, (MixtureSpec, FitOptions, ServerOptions), "federated_fit"
     )
-    options = FitOptions(
-        moves=moves,
-        move_every=move_every,
-        delete_iters=delete_iters,
-        delete_order=delete_order,
-        backend=backend,
-        device=device,
-        max_iter=max_iter,
-        tol=tol,
-    )
-    fits: list[SiteFit] = [
-        fit_site(
-            X, spec, n_components, site_seed(seed, b), options, min_cluster_size, source=f"site {b}"
+    tables = site_list(datasets, "datasets")
+    ids = list(range(len(tables))) if site_ids is None else [int(s) for s in site_ids]
+    if len(ids) != len(tables) or len(set(ids)) != len(ids):
+        raise ValueError(f"site_ids: give {len(tables)} distinct ids, got {site_ids!r}")
+    policies = policies_for(policy, len(tables))
+    for p in policies:
+        check_request(spec, p)
+    spec, encoded = shared_spec(tables, spec)
+    result = FederatedResult(label_mode=server.label_mode)
+    fits = []
+    for b, (data, p) in enumerate(zip(encoded, policies, strict=True)):
+        floor = p.floor(server.min_cluster_size)
+        f = fit_site(
+            data,
+            spec,
+            site_fit_options(fit, p),
+            site_seed(seed, ids[b]),
+            floor,
+            source=f"site {ids[b]}",
         )
-        for b, X in enumerate(datasets)
+        fits.append(f)
+        result.sites[ids[b]] = SiteReport(
+            site=ids[b],
+            n_rows=data.n_rows,
+            summaries=f.summaries,
+            n_iter=f.trace.n_iter,
+            converged=f.trace.converged,
+            uplink_bytes={"local": f.summaries.nbytes()},
+        )
+    merged = global_merge([f.summaries for f in fits], server.merge_mode, site_ids=ids)
+    _finish(result, merged, fits, encoded, policies, ids, server, fit, seed)
+    return result
+
+
+def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, fit, seed):
+    """Refinement, labels and the global model, after the merge (shared by fit and extend)."""
+    result.merge = merged
+    for b, s in enumerate(ids):
+        result.sites[s].mapping = merged.mapping[b]
+    posterior = merged.posterior
+    result.elbo_history = [merged.elbo_before, merged.elbo]
+    eps = [effective_epsilon(p.dp_epsilon, server.dp_epsilon) for p in policies]
+    releases = server.refine_rounds + 1
+    accountants = [None if e is None else Accountant(e, server.dp_delta, releases) for e in eps]
+    rngs = [np.random.default_rng([0 if seed is None else seed, s, 7]) for s in ids]
+    floors = [p.floor(server.min_cluster_size) for p in policies]
+    takes_part = [p.allow_refine for p in policies]
+    membership = merged.membership
+    fixed_all = [
+        fixed_contribution(f.summaries, merged.mapping[b], posterior.n_clusters)
+        for b, f in enumerate(fits)
     ]
-    summaries = [f.summaries for f in fits]
-    merged = global_merge(summaries, mode=merge)
-    posterior, history = refine(merged.posterior, [f.data for f in fits], refine_rounds)
-    if labels == "map" and refine_rounds == 0:
-        site_labels = [
-            map_labels(f.local_labels, m) for f, m in zip(fits, merged.mapping, strict=True)
-        ]
-    else:
-        site_labels = [label_rows(f.data, posterior) for f in fits]
-    return FederatedResult(
-        labels=site_labels,
-        global_model=posterior,
-        mapping=merged.mapping,
-        elbo=elbo(posterior),
-        elbo_history=[merged.elbo_before, merged.elbo, *history],
-        site_summaries=summaries,
-        merge=merged,
-        spec=spec,
+    for r in range(server.refine_rounds):
+        if not any(takes_part):
+            result.notes.append("refinement skipped: no site allows refinement rounds")
+            break
+        stats, fixed = [], []
+        for b, data in enumerate(encoded):
+            if not takes_part[b]:
+                fixed.append(fixed_all[b])
+                continue
+            acc = accountants[b]
+            st = refinement_stats(
+                data, posterior, floors[b], site_fit_options(fit, policies[b]), acc is None
+            )
+            stats.append(st if acc is None else _dp_release(st, acc, floors[b], rngs[b]))
+        new, accepted, kept = combine_refinement(
+            posterior, stats, fixed, noisy=any(a is not None for a in accountants)
+        )
+        if not accepted:
+            result.notes.append(
+                f"refinement round {r + 1} not applied: it would have lowered the ELBO "
+                "(sites' floors restricted their assignments); refinement stopped"
+            )
+            break
+        fixed_all = [f.subset(kept) for f in fixed_all]
+        membership = membership[kept]
+        posterior = new
+        result.elbo_history.append(elbo(posterior))
+    G = posterior.n_clusters
+    one_shot = server.refine_rounds == 0 or len(result.elbo_history) == 2
+    use_map = server.label_mode == "map" and one_shot
+    result.label_mode = "map" if use_map else "posterior"
+    for b, (f, data) in enumerate(zip(fits, encoded, strict=True)):
+        rep = result.sites[ids[b]]
+        if use_map:
+            labels = map_labels(f.local_labels(), merged.mapping[b])
+        else:
+            labels = label_rows(data, posterior, site_fit_options(fit, policies[b]))
+        rep.labels = labels
+        if policies[b].allow_labels:
+            counts = label_counts(labels, G)
+            if accountants[b] is not None:
+                counts = noisy_counts(counts, accountants[b].spend(), rngs[b])
+            rep.counts = suppress_counts(counts, floors[b])
+        if accountants[b] is not None:
+            rep.privacy = {
+                "epsilon_spent": accountants[b].epsilon_spent,
+                **accountants[b].to_dict(),
+            }
+    result.model = FittedModel(posterior, merged.site_ids, membership)
+    result.status = "completed"
+    result.privacy = {
+        "secure_aggregation": False,
+        "dp_epsilon": server.dp_epsilon,
+        "dp_delta": server.dp_delta,
+    }
+
+
+def extend(
+    model: FittedModel,
+    datasets,
+    *,
+    seed: int | None = 0,
+    policy: SitePolicy | Sequence[SitePolicy] | None = None,
+    site_ids: Sequence[int] | None = None,
+    **options,
+) -> FederatedResult:
+    """Add sites to a fitted global model without refitting the others.
+
+    The new sites fit locally under the model's own specification (schema, priors, K_init) and
+    their clusters are merged into the existing global clusters by the same exact, summary-only
+    global merge (the model file keeps which sites each global cluster holds). ``site_ids``
+    default to the ids after the model's. Refinement needs every site's rows, so none runs
+    here. Returns the new sites' reports (labels under the new posterior) and the new model.
+    """
+    fit, server = split_options(options, (FitOptions, ServerOptions), "extend")
+    tables = site_list(datasets, "datasets")
+    start = max(model.site_ids) + 1 if model.site_ids else 0
+    ids = list(range(start, start + len(tables))) if site_ids is None else list(site_ids)
+    policies = policies_for(policy, len(tables))
+    spec = model.spec
+    for p in policies:
+        check_request(spec, p)
+    encoded = [encode(X, spec, source=f"site {s}") for X, s in zip(tables, ids, strict=True)]
+    result = FederatedResult(label_mode="posterior")
+    fits = []
+    for b, (data, p) in enumerate(zip(encoded, policies, strict=True)):
+        floor = p.floor(server.min_cluster_size)
+        f = fit_site(
+            data,
+            spec,
+            site_fit_options(fit, p),
+            site_seed(seed, ids[b]),
+            floor,
+            source=f"site {ids[b]}",
+        )
+        fits.append(f)
+        result.sites[ids[b]] = SiteReport(
+            site=ids[b],
+            n_rows=data.n_rows,
+            summaries=f.summaries,
+            n_iter=f.trace.n_iter,
+            converged=f.trace.converged,
+            uplink_bytes={"local": f.summaries.nbytes()},
+        )
+    merged = global_merge(
+        [f.summaries for f in fits],
+        server.merge_mode,
+        site_ids=ids,
+        base=(model.posterior, model.membership, list(model.site_ids)),
     )
+    no_refine = dataclasses.replace(server, refine_rounds=0, label_mode="posterior")
+    _finish(result, merged, fits, encoded, policies, ids, no_refine, fit, seed)
+    if server.refine_rounds:
+        result.notes.append("extend: no refinement rounds (the model's other sites are not here)")
+    return result
+
+
+federated_fit.__doc__ = f"""Cluster the pooled population of several sites without pooling rows.
+
+Every site fits MerDel locally (site ``b`` with seed ``seed + site_ids[b]``) and releases only
+per-cluster summaries (subject to its policy's disclosure floor); the server merges them
+(``merge_mode``), optionally refines (``refine_rounds``), and each site labels its own rows.
+
+Parameters
+----------
+datasets : list of tables, one per site
+    Each ``(N_b, D)``: an array (0/1 or integer codes; NaN marks a missing cell), a pandas
+    DataFrame (columns matched by name across sites), a ``scipy.sparse`` matrix (Bernoulli) or
+    a table from :func:`fedvi.io.read_table`.
+likelihood : str, optional
+    Shorthand for the ``likelihood`` setting below.
+seed : int or None, default 0
+    Seed of the local fits (and of any privacy noise).
+policy : SitePolicy or list of SitePolicy, optional
+    Each site's own rules (disclosure floor, what it answers, its privacy budget).
+site_ids : list of int, optional
+    Partition ids of the sites (default ``0..B-1``).
+{numpydoc(MixtureSpec, FitOptions, ServerOptions)}
+
+Returns
+-------
+FederatedResult
+    ``model`` (the global :class:`FittedModel`: ``predict``, ``save``), ``labels`` (one
+    ``(N_b,)`` array per site), ``mapping``, ``elbo``, ``elbo_history``, ``n_clusters``,
+    ``sites`` (a :class:`SiteReport` each), ``notes``.
+"""

@@ -1,38 +1,39 @@
-"""Labelling a site's rows under the global posterior, and refinement rounds (SPEC §7)."""
+"""A site's work under the global posterior: labels, label counts and refinement statistics.
+
+Everything here runs on the site, on its own rows, and returns either per-row results that stay
+on the site (labels) or statistics subject to the site's disclosure floor (and optional noise,
+:mod:`fedvi.privacy`).
+"""
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import numpy as np
 
 from fedvi.data import EncodedData
-from fedvi.elbo import elbo
+from fedvi.options import FitOptions
 from fedvi.summaries import Summaries
-from fedvi.vi import local_step, relevance_step
-
-LABEL_MODES = ("posterior", "map")
+from fedvi.vi import Problem, run_pass, source_of
 
 
-def global_responsibilities(data: EncodedData, posterior: Summaries) -> np.ndarray:
+def global_problem(data: EncodedData, posterior: Summaries, options: FitOptions | None = None):
+    """The site's rows under the global model (its prior dimension is the global one)."""
+    return Problem.build(data, posterior.spec, prior_dim=posterior.prior_dim, options=options)
+
+
+def global_responsibilities(
+    data: EncodedData, posterior: Summaries, options: FitOptions | None = None
+) -> np.ndarray:
     """``(N, G)`` responsibilities of a site's rows under the global posterior (local step)."""
-    return _local(data, posterior).resp
+    problem = global_problem(data, posterior, options)
+    return run_pass(problem, source_of(problem, posterior), stats=False, resp=True).resp
 
 
-def _local(data: EncodedData, posterior: Summaries):
-    return local_step(
-        data.matrix,
-        posterior.spec,
-        posterior.counts,
-        posterior.sums,
-        posterior.relevance,
-        posterior.prior_dim,
-    )
-
-
-def label_rows(data: EncodedData, posterior: Summaries) -> np.ndarray:
+def label_rows(
+    data: EncodedData, posterior: Summaries, options: FitOptions | None = None
+) -> np.ndarray:
     """``(N,)`` global cluster of each row: arg-max of the local step under the posterior."""
-    return np.argmax(global_responsibilities(data, posterior), axis=1)
+    problem = global_problem(data, posterior, options)
+    return run_pass(problem, source_of(problem, posterior), stats=False, labels=True).labels
 
 
 def map_labels(local_labels: np.ndarray, site_mapping: np.ndarray) -> np.ndarray:
@@ -40,47 +41,52 @@ def map_labels(local_labels: np.ndarray, site_mapping: np.ndarray) -> np.ndarray
     return np.asarray(site_mapping)[local_labels]
 
 
-def refinement_stats(data: EncodedData, posterior: Summaries) -> Summaries:
-    """A site's statistics per global cluster under the global posterior (sums only)."""
-    step = _local(data, posterior)
-    return replace(
-        posterior,
-        counts=step.counts,
-        sums=step.sums,
-        entropy=step.entropy,
-        column_totals=np.asarray(data.matrix.sum(axis=0)).ravel(),
-        n_rows=data.n_rows,
-    )
-
-
-def combine_refinement(
-    posterior: Summaries, site_stats: list[Summaries], empty_threshold: float = 1e-6
+def refinement_stats(
+    data: EncodedData,
+    posterior: Summaries,
+    floor: int = 1,
+    options: FitOptions | None = None,
+    restrict: bool = True,
 ) -> Summaries:
-    """Sum the sites' refinement statistics into the new global posterior.
+    """A site's statistics per global cluster under the global posterior (sums only).
 
-    One round is one CAVI iteration on the pooled rows, so the ELBO does not decrease; the
-    ``c_d`` update (variable selection) runs here, on the summed statistics.
+    With ``restrict`` (default), the site's rows are given only to global clusters that own at
+    least ``floor`` of them (arg-max): clusters below the floor are dropped and the local step
+    is redone until every remaining cluster owns ``floor`` rows, so no released statistic covers
+    fewer rows. The released statistics are those of a valid assignment of the site's rows, so
+    the pooled ELBO stays exact. Dropped clusters are released as zeros. (Under differential
+    privacy the floor is applied to the noisy counts instead: ``restrict=False``.)
     """
-    counts = np.sum([s.counts for s in site_stats], axis=0)
-    sums = np.sum([s.sums for s in site_stats], axis=0)
-    entropy = np.sum([s.entropy for s in site_stats], axis=0)
-    keep = counts >= empty_threshold
-    new = replace(
-        posterior,
-        counts=counts[keep],
-        sums=sums[keep],
-        entropy=entropy[keep],
-        column_totals=np.sum([s.column_totals for s in site_stats], axis=0),
-        n_rows=int(sum(s.n_rows for s in site_stats)),
+    problem = global_problem(data, posterior, options)
+    G = posterior.n_clusters
+    allowed = np.arange(G)
+    while True:
+        sub = posterior.subset(allowed)
+        source = source_of(problem, sub)
+        p = run_pass(problem, source, owned=restrict)
+        if not restrict:
+            break
+        low = p.owned < floor
+        if not low.any():
+            break
+        if low.all():
+            low[np.argmax(p.owned)] = False
+        allowed = allowed[~low]
+
+    def scatter(a):
+        out = np.zeros((G, *a.shape[1:]))
+        out[allowed] = a
+        return out
+
+    return problem.summaries(
+        scatter(p.counts),
+        scatter(p.sums),
+        scatter(p.entropy),
+        None if p.observed is None else scatter(p.observed),
+        posterior.relevance,
     )
-    if new.spec.variable_selection:
-        c = relevance_step(
-            new.spec, new.column_totals, new.n_rows, new.counts, new.sums, new.relevance
-        )
-        new = replace(new, relevance=c)
-    if elbo(new) < elbo(posterior) - 1e-8 * abs(elbo(posterior)):
-        raise RuntimeError(
-            f"refinement lowered the global ELBO ({elbo(posterior)} -> {elbo(new)}): the sites' "
-            "statistics are inconsistent with the posterior they were computed under"
-        )
-    return new
+
+
+def label_counts(labels: np.ndarray, n_clusters: int) -> np.ndarray:
+    """``(G,)`` rows per global cluster."""
+    return np.bincount(labels, minlength=n_clusters).astype(np.int64)

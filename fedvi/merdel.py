@@ -1,6 +1,6 @@
-"""The local fitting loop: CAVI interleaved with merge/delete moves (SPEC §3–4).
+"""The local fitting loop: CAVI interleaved with merge/delete moves (docs/method.md).
 
-Schedules (``moves=``):
+Schedules (``FitOptions.moves``):
 
 - ``"merdel"`` (default): every ``move_every`` iterations, one merge sweep that tries every
   pair whose summary-only gain is positive (best first; cheap, since the gain is an upper bound
@@ -13,52 +13,26 @@ Delete candidates: the smallest cluster first (``delete_order``); measured again
 largest-first in ``benchmarks/bench_choices.py``: same or better ELBO, fewer wasted proposals.
 
 The fit stops when the relative ELBO change stays below ``tol`` for ``n_stable`` iterations
-in a row and a final round of moves accepts nothing.
+in a row and a final round of moves accepts nothing; at ``max_iter`` it stops with a
+:class:`ConvergenceWarning`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedvi.init import kmodes_labels
 from fedvi.moves import MoveLog, MoveMemory, delete_move, merge_sweep
-from fedvi.vi import Problem, VIState, drop_clusters, iterate
+from fedvi.options import FitOptions
+from fedvi.vi import Problem, VIState, drop_clusters, initial_state, iterate, owned_rows
 
-MOVE_SCHEDULES = ("merdel", "paper", "none")
 
-
-@dataclass(frozen=True)
-class FitOptions:
-    """Knobs of the local fit; see the module docstring."""
-
-    moves: str = "merdel"
-    move_every: int = 5
-    delete_iters: int = 3
-    delete_order: str = "smallest"
-    max_iter: int = 1000
-    tol: float = 1e-8
-    n_stable: int = 3
-    empty_threshold: float = 1e-6
-    backend: str = "numpy"
-    device: str = "cpu"
-
-    def __post_init__(self):
-        from fedvi.backends import BACKENDS
-
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.delete_order not in ("smallest", "largest"):
-            raise ValueError(
-                f"delete_order must be 'smallest' or 'largest', got {self.delete_order!r}"
-            )
-        if self.moves not in MOVE_SCHEDULES:
-            raise ValueError(f"moves must be one of {MOVE_SCHEDULES}, got {self.moves!r}")
-        for name in ("move_every", "delete_iters", "max_iter", "n_stable"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.tol > 0:
-            raise ValueError(f"tol must be > 0, got {self.tol}")
+class ConvergenceWarning(UserWarning):
+    """A fit stopped at ``max_iter`` before its ELBO settled."""
 
 
 @dataclass
@@ -115,17 +89,18 @@ def run(problem: Problem, state: VIState, options: FitOptions, trace: FitTrace |
     return state, trace
 
 
-def prune(problem: Problem, state: VIState, min_count: float, options: FitOptions, trace: FitTrace):
-    """Remove clusters that are the arg-max of fewer than ``min_count`` rows, re-fit, repeat.
+def prune(problem: Problem, state: VIState, min_owned: int, options: FitOptions, trace: FitTrace):
+    """Remove clusters that are the arg-max of fewer than ``min_owned`` rows, re-fit, repeat.
 
-    Used to keep only clusters that own rows (and, on a site, to hold back clusters below the
-    disclosure threshold). A forced removal is not an ELBO-guarded move; what follows it is
-    plain CAVI to convergence, so the returned state is a fixed point again.
+    Used to keep only clusters that own rows and, on a site, to hold back clusters below the
+    disclosure floor (their rows go to the other clusters). A forced removal is not an
+    ELBO-guarded move; what follows it is plain CAVI to convergence, so the returned state is
+    a fixed point again, and its statistics are exactly those of its responsibilities.
     """
-    plain = FitOptions(**{**options.__dict__, "moves": "none"})
+    plain = dataclasses.replace(options, moves="none")
     while state.n_clusters > 1:
-        owned = np.bincount(np.argmax(state.resp, axis=1), minlength=state.n_clusters)
-        drop = owned < min_count
+        owned = owned_rows(problem, state)
+        drop = owned < min_owned
         if not drop.any():
             break
         if drop.all():
@@ -137,3 +112,28 @@ def prune(problem: Problem, state: VIState, min_count: float, options: FitOption
         state, budget = run(problem, state, plain, budget)
         trace.n_iter += budget.n_iter
     return state, trace
+
+
+def fit_problem(problem: Problem, options: FitOptions, seed: int | None, warn_label: str = ""):
+    """k-modes initialisation then MerDel to convergence; returns ``(state, trace)``.
+
+    Warns with :class:`ConvergenceWarning` when the fit stops at ``max_iter``.
+    """
+    rng = np.random.default_rng(seed)
+    K = min(problem.prior_dim, problem.n_rows)
+    labels = kmodes_labels(problem, K, rng)
+    state = initial_state(problem, labels, K)
+    state, trace = run(problem, state, options)
+    if not trace.converged:
+        warnings.warn(
+            f"{warn_label or 'the fit'} stopped at max_iter={options.max_iter} before the "
+            f"ELBO settled (relative tol {options.tol}); raise max_iter or tol",
+            ConvergenceWarning,
+            stacklevel=2,
+        )
+    return state, trace
+
+
+def order_by_size(state: VIState) -> VIState:
+    """The same state with clusters sorted by decreasing count (label 0 = largest)."""
+    return state.reorder(np.argsort(-state.counts, kind="stable"))

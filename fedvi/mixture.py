@@ -1,67 +1,41 @@
-"""``MixtureVI``: the single-site estimator (scikit-learn style)."""
+"""``MixtureVI``: the single-site estimator (scikit-learn style).
+
+Its parameters are the fields of :class:`fedvi.MixtureSpec` and :class:`fedvi.FitOptions` plus
+``seed``; they are checked once, by those dataclasses, when ``fit`` is called. ``fit`` is
+:func:`fedvi.site.fit_site` with the single-site settings.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import dataclasses
+import inspect
+import os
 
 import numpy as np
 
-from fedvi.data import EncodedData, check_likelihood, encode
-from fedvi.init import kmodes_labels
-from fedvi.labels import global_responsibilities
-from fedvi.merdel import FitOptions, FitTrace, prune, run
+from fedvi.model import FittedModel
+from fedvi.options import FitOptions
+from fedvi.settings import field_names, numpydoc, split_options
+from fedvi.site import fit_site
 from fedvi.spec import MixtureSpec
 from fedvi.summaries import Summaries
-from fedvi.vi import Problem, VIState, initial_state, summaries_of
+from fedvi.vi import labels_of
 
-
-def order_by_size(state: VIState) -> VIState:
-    """The same state with clusters sorted by decreasing count (label 0 = largest)."""
-    order = np.argsort(-state.counts, kind="stable")
-    return VIState(
-        np.ascontiguousarray(state.resp[:, order]),
-        state.counts[order],
-        state.sums[order],
-        state.entropy[order],
-        state.relevance,
-        state.ids[order],
-        state.elbo,
-    )
+#: The estimator's parameters: every model and fit setting, plus ``seed``.
+PARAMS = (*field_names(MixtureSpec), *field_names(FitOptions), "seed")
 
 
 class MixtureVI:
-    """Over-fitted Bayesian mixture of Bernoulli or categorical variables, fitted by mean-field
-    VI with merge/delete moves (MerDel). The number of clusters is learned from the data.
+    __doc__ = f"""Over-fitted Bayesian mixture of Bernoulli or categorical variables, fitted by
+    mean-field VI with merge/delete moves (MerDel). The number of clusters is learned.
 
     Parameters
     ----------
-    likelihood : {"bernoulli", "categorical"}
-        Bernoulli: 0/1 data, dense or ``scipy.sparse``. Categorical: integer codes
-        ``0..L_d-1`` per column (levels inferred from the data unless ``n_levels`` is given).
-    n_components : int, default 20
-        ``K_init``: clusters at the start and dimension of the weights' Dirichlet prior.
-    alpha0 : float, default 0.01
-        Concentration of the sparse Dirichlet prior on the weights.
-    beta : float or None
-        Per-level concentration of the ``phi`` prior; ``None`` = ``1 / L_d`` (Beta(0.5, 0.5)).
-    n_levels : int or array of shape (D,), optional
-        Levels per variable (categorical).
-    variable_selection : bool, default False
-        Learn per-variable relevance ``c_d`` (SPEC §8); see ``variable_relevance_``.
-    relevance_prior : (float, float), default (2, 2)
-        Beta prior on the probability that a variable is relevant (mean 0.5).
-    relevance_update : {"collapsed", "meanfield"}, default "collapsed"
-        How ``c_d`` is updated (see :func:`fedvi.vi.relevance_step`); "meanfield" is the
-        paper's fixed-point step.
-    moves : {"merdel", "paper", "none"}, default "merdel"
-        Move schedule (see :mod:`fedvi.merdel`).
-    move_every, delete_iters, delete_order, max_iter, tol : see :class:`fedvi.merdel.FitOptions`.
-    backend : {"numpy", "torch"}, default "numpy"; device : str, default "cpu"
-        Where the local step runs (SPEC §9); torch is optional, same results in float64.
-    seed : int, default 0
+    likelihood : str, default "bernoulli"
+        May be given positionally.
+    seed : int or None, default 0
         Seed of the k-modes initialisation; the same seed gives the same fit.
-    feature_names : sequence of str, optional
-        Variable names, recorded in the schema (a DataFrame's columns when not given).
+{numpydoc(MixtureSpec, FitOptions, skip=("likelihood",))}
 
     Attributes
     ----------
@@ -72,144 +46,104 @@ class MixtureVI:
     weights_ : (K,) posterior mean weights of the found clusters (renormalised).
     cluster_profiles_ : (K, P) posterior mean ``E[phi]`` (``P = D`` or ``sum L_d``).
     variable_relevance_ : (D,) ``c_d`` when ``variable_selection=True``.
-    spec_ : :class:`fedvi.MixtureSpec` of the fitted model.
+    spec_ : the fitted :class:`fedvi.MixtureSpec` (levels and variable names resolved).
+    model_ : the fitted :class:`fedvi.FittedModel` (``save``, ``predict``).
     """
 
-    def __init__(
-        self,
-        likelihood: str = "bernoulli",
-        n_components: int = 20,
-        alpha0: float = 0.01,
-        beta: float | None = None,
-        n_levels=None,
-        variable_selection: bool = False,
-        relevance_prior: tuple[float, float] = (2.0, 2.0),
-        relevance_update: str = "collapsed",
-        moves: str = "merdel",
-        move_every: int = 5,
-        delete_iters: int = 3,
-        delete_order: str = "smallest",
-        backend: str = "numpy",
-        device: str = "cpu",
-        max_iter: int = 1000,
-        tol: float = 1e-8,
-        seed: int | None = 0,
-        feature_names=None,
-    ):
+    def __init__(self, likelihood: str = "bernoulli", **params):
+        unknown = sorted(set(params) - set(PARAMS))
+        if unknown:
+            raise TypeError(
+                f"MixtureVI got unknown parameter(s) {unknown}; allowed: {sorted(PARAMS)}"
+            )
         self.likelihood = likelihood
-        self.n_components = n_components
-        self.alpha0 = alpha0
-        self.beta = beta
-        self.n_levels = n_levels
-        self.variable_selection = variable_selection
-        self.relevance_prior = relevance_prior
-        self.relevance_update = relevance_update
-        self.moves = moves
-        self.move_every = move_every
-        self.delete_iters = delete_iters
-        self.delete_order = delete_order
-        self.backend = backend
-        self.device = device
-        self.max_iter = max_iter
-        self.tol = tol
-        self.seed = seed
-        self.feature_names = feature_names
+        defaults = {f.name: f.default for f in dataclasses.fields(MixtureSpec)}
+        defaults.update({f.name: f.default for f in dataclasses.fields(FitOptions)})
+        defaults["seed"] = 0
+        for name in PARAMS:
+            if name != "likelihood":
+                setattr(self, name, params.get(name, defaults[name]))
 
-    # -- fitting ---------------------------------------------------------------------------
-    def _options(self) -> FitOptions:
-        return FitOptions(
-            moves=self.moves,
-            move_every=self.move_every,
-            delete_iters=self.delete_iters,
-            delete_order=self.delete_order,
-            backend=self.backend,
-            device=self.device,
-            max_iter=self.max_iter,
-            tol=self.tol,
-        )
+    # -- scikit-learn conventions -------------------------------------------------------------
+    def get_params(self, deep: bool = True) -> dict:
+        return {name: getattr(self, name) for name in PARAMS}
 
-    def _check_params(self) -> None:
-        check_likelihood(self.likelihood)
-        if not isinstance(self.n_components, int | np.integer) or self.n_components < 1:
-            raise ValueError(f"n_components must be a positive integer, got {self.n_components!r}")
-
-    def fit(self, X, y=None, source: str | None = None) -> MixtureVI:
-        """Fit on ``X`` of shape ``(N, D)``; ``y`` is ignored."""
-        self._check_params()
-        options = self._options()
-        names = self.feature_names
-        if names is None and hasattr(X, "columns"):  # a pandas DataFrame names its variables
-            names = [str(c) for c in X.columns]
-        data = encode(X, self.likelihood, self.n_levels, min_rows=2, source=source)
-        self.spec_ = self._spec(data, names)
-        problem = Problem.build(
-            data.matrix, self.spec_, int(self.n_components), options.backend, options.device
-        )
-        state, trace = fit_problem(problem, options, self.seed)
-        state, trace = prune(problem, state, 1, options, trace)
-        self._store(problem, order_by_size(state), trace)
+    def set_params(self, **params) -> MixtureVI:
+        for name, value in params.items():
+            if name not in PARAMS:
+                raise ValueError(f"MixtureVI has no parameter {name!r}")
+            setattr(self, name, value)
         return self
 
-    def _spec(self, data: EncodedData, names=None) -> MixtureSpec:
-        return MixtureSpec(
-            likelihood=self.likelihood,
-            n_levels=tuple(int(v) for v in data.n_levels),
-            alpha0=float(self.alpha0),
-            beta=self.beta,
-            variable_selection=bool(self.variable_selection),
-            relevance_prior=tuple(self.relevance_prior),
-            relevance_update=self.relevance_update,
-            feature_names=None if names is None else tuple(names),
-        )
+    def __repr__(self) -> str:
+        defaults = MixtureVI().get_params()
+        changed = {k: v for k, v in self.get_params().items() if v != defaults[k]}
+        return f"MixtureVI({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
 
-    def _store(self, problem: Problem, state: VIState, trace: FitTrace) -> None:
-        self._summaries = summaries_of(problem, state)
-        self.labels_ = np.argmax(state.resp, axis=1)
+    def _settings(self) -> tuple[MixtureSpec, FitOptions]:
+        params = {k: v for k, v in self.get_params().items() if k != "seed"}
+        return tuple(split_options(params, (MixtureSpec, FitOptions), "MixtureVI"))
+
+    # -- fitting ---------------------------------------------------------------------------
+    def fit(self, X, y=None, source: str | None = None) -> MixtureVI:
+        """Fit on ``X`` of shape ``(N, D)``; ``y`` is ignored."""
+        spec, options = self._settings()
+        fit = fit_site(X, spec, options, self.seed, min_cluster_size=1, source=source)
+        state = fit.state
+        self.spec_ = fit.summaries.spec
+        self.model_ = FittedModel(fit.summaries, info={"fitted_by": "MixtureVI"})
+        self.labels_ = labels_of(fit.problem, state)
         self.n_clusters_ = state.n_clusters
         self.elbo_ = float(state.elbo)
-        self.elbo_history_ = np.asarray(trace.elbo_history)
-        self.n_iter_ = trace.n_iter
-        self.converged_ = trace.converged
-        self.moves_ = trace.moves.as_dict()
-        alpha = self.alpha0 + state.counts
-        self.weights_ = alpha / alpha.sum()
-        self.cluster_profiles_ = self._summaries.profiles()
-        if self.variable_selection:
+        self.elbo_history_ = np.asarray(fit.trace.elbo_history)
+        self.n_iter_ = fit.trace.n_iter
+        self.converged_ = fit.trace.converged
+        self.moves_ = fit.trace.moves.as_dict()
+        self.weights_ = self.model_.weights
+        self.cluster_profiles_ = fit.summaries.profiles()
+        if spec.variable_selection:
             self.variable_relevance_ = state.relevance.copy()
+        self._options = options
+        return self
 
     # -- using the fit ---------------------------------------------------------------------
     def _check_fitted(self) -> None:
-        if not hasattr(self, "spec_"):
+        if not hasattr(self, "model_"):
             raise RuntimeError("this MixtureVI is not fitted yet: call fit(X) first")
 
     def predict_proba(self, X) -> np.ndarray:
-        """``(N, K)`` responsibilities of new rows under the fitted posterior."""
+        """``(N, K)`` responsibilities of new rows under the fitted posterior (columns of a
+        DataFrame are matched by name to the fitted variables)."""
         self._check_fitted()
-        data = encode(X, self.likelihood, self.spec_.n_levels, n_features=self.spec_.n_features)
-        return global_responsibilities(data, self._summaries)
+        return self.model_.predict_proba(X, self._options)
 
     def predict(self, X) -> np.ndarray:
         """``(N,)`` most probable cluster of each row."""
-        return np.argmax(self.predict_proba(X), axis=1)
+        self._check_fitted()
+        return self.model_.predict(X, self._options)
 
     def summaries(self) -> Summaries:
         """The per-cluster sufficient statistics of the training rows (what a site sends)."""
         self._check_fitted()
-        s = self._summaries
-        return replace(
-            s,
-            counts=s.counts.copy(),
-            sums=s.sums.copy(),
-            entropy=s.entropy.copy(),
-            column_totals=s.column_totals.copy(),
-            relevance=None if s.relevance is None else s.relevance.copy(),
+        s = self.model_.posterior
+        return dataclasses.replace(s, counts=s.counts.copy(), sums=s.sums.copy())
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write the fitted model to one file (see :func:`fedvi.load_model`)."""
+        self._check_fitted()
+        return self.model_.save(path)
+
+
+MixtureVI.__init__.__signature__ = inspect.Signature(
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    + [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD
+            if name == "likelihood"
+            else inspect.Parameter.KEYWORD_ONLY,
+            default=MixtureVI().get_params()[name],
         )
-
-
-def fit_problem(problem: Problem, options: FitOptions, seed: int | None):
-    """k-modes initialisation then MerDel to convergence; returns ``(state, trace)``."""
-    rng = np.random.default_rng(seed)
-    K = min(problem.prior_dim, problem.n_rows)
-    labels = kmodes_labels(problem.X, K, problem.spec.family(), rng)
-    state = initial_state(problem, labels, K)
-    return run(problem, state, options)
+        for name in PARAMS
+    ]
+)

@@ -1,9 +1,9 @@
-"""Merge and delete moves on one site (SPEC §4), each accepted only when the ELBO rises.
+"""Merge and delete moves on one site, each accepted only when the ELBO rises.
 
 Merge proposals are ranked by their summary-only gain (the exact gain without the entropy
 change). Merging two clusters can only lower the assignment entropy, so that gain is an upper
 bound: a pair whose bound is not positive is never tried, and the exact gain needs the rows
-only for the entropy of the merged column.
+only for the entropy of the merged column, which one pass computes for a batch of candidates.
 """
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.special import xlogy
 
-from fedvi.elbo import merge_gain
-from fedvi.vi import Problem, VIState, drop_clusters, elbo_of, iterate
+from fedvi.elbo import elbo, merge_gain
+from fedvi.vi import Problem, VIState, drop_clusters, iterate, run_pass
+
+#: Candidate pairs whose merged-column entropy one pass computes.
+PAIR_BATCH = 32
 
 
 @dataclass
@@ -65,53 +67,67 @@ def merge_sweep(
     K = state.n_clusters
     if K < 2:
         return state, 0
+    stats = state.stats
     j, k = np.triu_indices(K, 1)
-    bound = merge_gain(problem.spec, state.counts, state.sums, j, k, state.relevance)
-    order = np.argsort(-bound, kind="stable")
+    bound = merge_gain(stats, j, k)
+    order = [int(m) for m in np.argsort(-bound, kind="stable") if bound[m] > 0]
+    # Candidates in the order the sweep would try them (used clusters are skipped later).
+    candidates = []
+    for m in order:
+        a, b = int(j[m]), int(k[m])
+        if memory.merge_blocked(
+            int(state.ids[a]), int(state.ids[b]), stats.counts[a], stats.counts[b]
+        ):
+            continue
+        candidates.append(m)
     used = np.zeros(K, dtype=bool)
     accepted: list[tuple[int, int, float]] = []
     tried = 0
-    for m in order:
-        if bound[m] <= 0 or (max_pairs is not None and tried >= max_pairs):
+    pos = 0
+    while pos < len(candidates) and (max_pairs is None or tried < max_pairs):
+        batch = [m for m in candidates[pos:] if not (used[j[m]] or used[k[m]])]
+        if max_pairs is not None:
+            batch = batch[: max_pairs - tried]
+        batch = batch[:PAIR_BATCH]
+        if not batch:
             break
-        a, b = int(j[m]), int(k[m])
-        if used[a] or used[b]:
-            continue
-        ia, ib = int(state.ids[a]), int(state.ids[b])
-        if memory.merge_blocked(ia, ib, state.counts[a], state.counts[b]):
-            continue
-        tried += 1
-        col = state.resp[:, a] + state.resp[:, b]
-        h = float(-xlogy(col, col).sum())
-        if bound[m] + h - state.entropy[a] - state.entropy[b] > 0:
-            accepted.append((a, b, h))
-            used[a] = used[b] = True
-        else:
-            memory.failed_merges[(ia, ib)] = (state.counts[a], state.counts[b])
+        pairs = np.column_stack([j[batch], k[batch]])
+        h = run_pass(problem, state.source, stats=False, pairs=pairs).pair_entropy
+        for m, hm in zip(batch, h, strict=True):
+            a, b = int(j[m]), int(k[m])
+            if used[a] or used[b]:
+                continue
+            tried += 1
+            if bound[m] + hm - stats.entropy[a] - stats.entropy[b] > 0:
+                accepted.append((a, b, float(hm)))
+                used[a] = used[b] = True
+            else:
+                memory.failed_merges[(int(state.ids[a]), int(state.ids[b]))] = (
+                    stats.counts[a],
+                    stats.counts[b],
+                )
+        pos = candidates.index(batch[-1]) + 1
     log.merge_tried += tried
     log.merge_accepted += len(accepted)
     if not accepted:
         return state, 0
-    resp = state.resp.copy()
-    counts, sums, entropy = state.counts.copy(), state.sums.copy(), state.entropy.copy()
+    # Each cluster's group: b joins a; groups numbered in the order of the kept clusters.
     drop = np.zeros(K, dtype=bool)
-    for a, b, h in accepted:
-        resp[:, a] += resp[:, b]
-        counts[a] += counts[b]
-        sums[a] += sums[b]
-        entropy[a] = h
+    target = np.arange(K)
+    for a, b, _ in accepted:
+        target[b] = a
         drop[b] = True
-    keep = ~drop
-    counts, sums, entropy = counts[keep], sums[keep], entropy[keep]
-    new = VIState(
-        np.ascontiguousarray(resp[:, keep]),
-        counts,
-        sums,
-        entropy,
-        state.relevance,
-        state.ids[keep],
-        elbo_of(problem, counts, sums, entropy, state.relevance),
-    )
+    kept = np.flatnonzero(~drop)
+    new_index = np.full(K, -1)
+    new_index[kept] = np.arange(len(kept))
+    group_of = new_index[target]
+    entropy = stats.entropy[kept].copy()
+    for a, _, h in accepted:
+        entropy[new_index[a]] = h
+    merged = stats.combine(group_of, len(kept), entropy=entropy)
+    G = np.zeros((K, len(kept)))
+    G[np.arange(K), group_of] = 1.0
+    new = VIState(merged, state.ids[kept], elbo(merged), state.source.then(G))
     return new, len(accepted)
 
 
@@ -124,15 +140,16 @@ def delete_move(
     order: str = "smallest",
 ) -> tuple[VIState, bool]:
     """Propose deleting the smallest (or, ``order="largest"``, bnpy's rule: the largest)
-    eligible cluster; run ``n_iters`` VI iterations on the
-    proposal and on the current model and keep the better (SPEC §4). Either way the returned
-    state has advanced ``n_iters`` iterations and its ELBO is at least the current one."""
+    eligible cluster; run ``n_iters`` VI iterations on the proposal and on the current model
+    and keep the better. Either way the returned state has advanced ``n_iters`` iterations and
+    its ELBO is at least the current one."""
     K = state.n_clusters
     if K < 2:
         return state, False
-    ranked = np.argsort(state.counts if order == "smallest" else -state.counts, kind="stable")
+    counts = state.counts
+    ranked = np.argsort(counts if order == "smallest" else -counts, kind="stable")
     for k in ranked:
-        if not memory.delete_blocked(int(state.ids[k]), state.counts[k]):
+        if not memory.delete_blocked(int(state.ids[k]), counts[k]):
             break
     else:
         return state, False
@@ -147,5 +164,5 @@ def delete_move(
     if proposal.elbo > baseline.elbo:
         log.delete_accepted += 1
         return proposal, True
-    memory.failed_deletes[int(state.ids[k])] = float(state.counts[k])
+    memory.failed_deletes[int(state.ids[k])] = float(counts[k])
     return baseline, False

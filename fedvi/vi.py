@@ -1,90 +1,150 @@
-"""Coordinate-ascent VI for the over-fitted mixture (SPEC §3, §8), vectorised over rows.
+"""Coordinate-ascent VI for the over-fitted mixture, streamed over blocks of rows.
 
-One iteration = local step (one product ``X @ W.T`` and a log-sum-exp), statistics (one
-product ``R.T @ X``), then the closed-form global step and ELBO from the statistics.
+One iteration is one pass over the table: for each block, one product ``X @ W.T`` plus a bias
+(with missing cells, plus ``M @ E0.T``), a stable log-sum-exp, and one product ``X.T @ R``;
+the statistics accumulate in float64. Then the closed-form global step and the ELBO from the
+statistics (:class:`fedvi.Summaries`).
+
+Responsibilities are never stored: a state keeps the small :class:`Source` they come from
+(the local-step weights and, after merges, which columns were summed), and a pass recomputes
+them block by block when a move needs them. Memory therefore grows with the block size, not
+with the number of rows.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
-import scipy.sparse as sp
 from scipy.special import digamma, expit, xlogy
 
-from fedvi.elbo import elbo_terms, relevance_objective
+from fedvi.data import EncodedData
+from fedvi.elbo import elbo, relevance_objective
+from fedvi.options import FitOptions
 from fedvi.spec import MixtureSpec
 from fedvi.summaries import Summaries
 
 
 @dataclass(frozen=True)
 class Problem:
-    """A site's data with the model it is fitted under.
+    """A site's table with the model it is fitted under.
 
-    X: ``(N, P)`` design matrix (dense float64 or CSR). column_totals: ``(P,)``.
-    prior_dim: ``K0``, fixed for the whole fit. accel: the local step on another backend
-    (:class:`fedvi.backends.TorchLocalStep`), or ``None`` for NumPy.
+    data: the encoded table (read in blocks). spec: the resolved model. prior_dim: ``K0``,
+    fixed for the whole fit. options: block size, precision and backend of the passes.
+    accel: the local step on another backend (:class:`fedvi.backends.TorchLocalStep`).
     """
 
-    X: np.ndarray | sp.csr_matrix
+    data: EncodedData
     spec: MixtureSpec
     prior_dim: int
-    column_totals: np.ndarray
+    options: FitOptions = field(default_factory=FitOptions)
     accel: Callable | None = field(default=None, compare=False, repr=False)
 
     @classmethod
     def build(
-        cls, X, spec: MixtureSpec, prior_dim: int, backend: str = "numpy", device: str = "cpu"
+        cls,
+        data: EncodedData,
+        spec: MixtureSpec,
+        prior_dim: int | None = None,
+        options: FitOptions | None = None,
     ) -> Problem:
-        totals = np.asarray(X.sum(axis=0), dtype=np.float64).ravel()
+        options = options or FitOptions()
         accel = None
-        if backend != "numpy":
-            from fedvi.backends import TorchLocalStep, check_backend
+        if options.backend != "numpy":
+            from fedvi.backends import TorchLocalStep
 
-            check_backend(backend, device)
-            accel = TorchLocalStep(X, device)
-        return cls(X, spec, prior_dim, totals, accel)
+            accel = TorchLocalStep(data, options.device)
+        K0 = spec.n_components if prior_dim is None else int(prior_dim)
+        return cls(data, spec, K0, options, accel)
 
     @property
     def n_rows(self) -> int:
-        return self.X.shape[0]
+        return self.data.n_rows
+
+    @property
+    def missing_bernoulli(self) -> bool:
+        return self.data.has_missing and self.spec.likelihood == "bernoulli"
+
+    def summaries(self, counts, sums, entropy, observed=None, relevance=None) -> Summaries:
+        """Statistics of this table's rows as a :class:`Summaries`."""
+        T, obs = self.data.totals
+        return Summaries(
+            counts=counts,
+            sums=sums,
+            entropy=entropy,
+            column_totals=T,
+            n_rows=self.n_rows,
+            prior_dim=self.prior_dim,
+            spec=self.spec,
+            relevance=relevance,
+            observed=observed if self.missing_bernoulli else None,
+            column_observed=obs,
+        )
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a state's responsibilities come from: ``softmax(X W^T + bias) @ merge``.
+
+    W: ``(K0, P)``; bias: ``(K0,)``; E0: ``(K0, D)`` for a Bernoulli table with missing cells
+    (the bias then is ``M @ E0^T`` per row); merge: ``(K0, K)`` 0/1 matrix summing columns
+    (accepted merges, reordering), or ``None`` (identity).
+    """
+
+    W: np.ndarray
+    bias: np.ndarray
+    E0: np.ndarray | None = None
+    merge: np.ndarray | None = None
+
+    @property
+    def n_clusters(self) -> int:
+        return self.W.shape[0] if self.merge is None else self.merge.shape[1]
+
+    def then(self, matrix: np.ndarray) -> Source:
+        """These responsibilities followed by ``@ matrix`` (``(K, K')``)."""
+        merge = matrix if self.merge is None else self.merge @ matrix
+        return replace(self, merge=merge)
+
+    def subset(self, keep) -> Source:
+        eye = np.eye(self.n_clusters)[:, keep]
+        return self.then(eye)
 
 
 @dataclass(frozen=True)
 class VIState:
-    """Responsibilities and their statistics.
+    """Statistics of the current responsibilities, their source and the ELBO.
 
-    resp: ``(N, K)``; counts ``(K,)``; sums ``(K, P)``; entropy ``(K,)``;
-    relevance: ``(D,)`` ``c_d`` or ``None``; ids: ``(K,)`` stable cluster identifiers;
-    elbo: the ELBO at the optimal global factors for these statistics.
+    stats: :class:`Summaries` (with the current ``c_d``); ids: ``(K,)`` stable cluster
+    identifiers (for the moves' memory); elbo: at the optimal global factors; source: how to
+    recompute the responsibilities.
     """
 
-    resp: np.ndarray
-    counts: np.ndarray
-    sums: np.ndarray
-    entropy: np.ndarray
-    relevance: np.ndarray | None
+    stats: Summaries
     ids: np.ndarray
     elbo: float
+    source: Source
 
     @property
     def n_clusters(self) -> int:
-        return len(self.counts)
+        return self.stats.n_clusters
 
+    @property
+    def counts(self) -> np.ndarray:
+        return self.stats.counts
 
-def counts_and_sums(X, resp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``counts (K,)`` and ``sums (K, P)`` of rows ``X`` under ``resp (N, K)``."""
-    counts = np.ones(resp.shape[0]) @ resp
-    # (X.T @ R).T, not R.T @ X: the latter hits a slow BLAS path for tall R (12 s vs 0.35 s
-    # at N = 1e6, D = 100, K = 20).
-    return counts, np.ascontiguousarray(np.asarray(X.T @ resp).T)
+    @property
+    def relevance(self) -> np.ndarray | None:
+        return self.stats.relevance
 
-
-def sufficient_stats(X, resp: np.ndarray):
-    """``counts (K,)``, ``sums (K, P)``, ``entropy (K,)`` of rows ``X`` under ``resp (N, K)``."""
-    counts, sums = counts_and_sums(X, resp)
-    return counts, sums, -xlogy(resp, resp).sum(axis=0)
+    def reorder(self, order) -> VIState:
+        order = np.asarray(order, dtype=np.int64)
+        return replace(
+            self,
+            stats=self.stats.reorder(order),
+            ids=self.ids[order],
+            source=self.source.subset(order),
+        )
 
 
 def expected_log_weights(counts: np.ndarray, alpha0: float, prior_dim: int) -> np.ndarray:
@@ -92,47 +152,21 @@ def expected_log_weights(counts: np.ndarray, alpha0: float, prior_dim: int) -> n
     return digamma(alpha0 + counts) - digamma(prior_dim * alpha0 + counts.sum())
 
 
-#: Rows per block of the log-sum-exp: a block's logits (ROW_BLOCK x K) stay in cache across
-#: its passes. The two matrix products run on all rows at once: blocked BLAS calls were
-#: 2-4x slower here (thread start-up per call).
-ROW_BLOCK = 8192
+def source_of(problem: Problem, stats: Summaries, weight_counts=None) -> Source:
+    """The local-step weights under the optimal global factors of ``stats``."""
+    spec = problem.spec
+    c = stats.relevance if spec.variable_selection else None
+    W, bias, E0 = spec.family().log_likelihood_weights(stats.sums, stats.counts, c, stats.observed)
+    wc = stats.counts if weight_counts is None else weight_counts
+    logw = expected_log_weights(wc, spec.alpha0, problem.prior_dim)
+    if problem.missing_bernoulli:
+        # Per row: sum over observed cells of E0, plus the weights.
+        return Source(W, logw, E0 + 0.0)
+    return Source(W, bias + logw)
 
 
-@dataclass(frozen=True)
-class LocalStep:
-    """Responsibilities ``resp (N, K)`` and their statistics ``counts``, ``sums``, ``entropy``."""
-
-    resp: np.ndarray
-    counts: np.ndarray
-    sums: np.ndarray
-    entropy: np.ndarray
-
-
-def local_step(
-    X, spec: MixtureSpec, counts, sums, relevance, prior_dim, weight_counts=None, accel=None
-) -> LocalStep:
-    """The local update (SPEC §3) and the statistics of its responsibilities: one product
-    ``X @ W.T`` plus a bias, a stable log-sum-exp, and one product ``X.T @ R``. ``accel``
-    runs the same on another backend (:mod:`fedvi.backends`)."""
-    W, bias = spec.family().log_likelihood_weights(sums, counts, relevance)
-    wc = counts if weight_counts is None else weight_counts
-    bias = bias + expected_log_weights(wc, spec.alpha0, prior_dim)
-    if accel is not None:
-        return LocalStep(*accel(W, bias))
-    logits = np.asarray(X @ W.T)
-    resp = np.empty_like(logits)
-    entropy = np.zeros(W.shape[0])
-    for start in range(0, logits.shape[0], ROW_BLOCK):
-        block = logits[start : start + ROW_BLOCK]
-        block += bias
-        r, log_r = normalise_with_log(block, out=resp[start : start + ROW_BLOCK])
-        entropy -= np.einsum("nk,nk->k", r, log_r)
-    return LocalStep(resp, *counts_and_sums(X, resp), entropy)
-
-
-def normalise_with_log(logits: np.ndarray, out: np.ndarray | None = None):
-    """``(r, log r)``, both ``(N, K)``; ``logits`` is overwritten with ``log r`` and ``r`` is
-    written to ``out`` when given.
+def normalise_with_log(logits: np.ndarray):
+    """``(r, log r)``, both ``(N, K)``; ``logits`` is overwritten with ``log r``.
 
     Written as column passes because NumPy's row reductions over a short K are several times
     slower than K vectorised passes over N.
@@ -141,15 +175,126 @@ def normalise_with_log(logits: np.ndarray, out: np.ndarray | None = None):
     for k in range(1, logits.shape[1]):
         np.maximum(peak, logits[:, k], out=peak)
     logits -= peak[:, None]
-    resp = np.exp(logits, out=out)
+    resp = np.exp(logits)
     total = resp @ np.ones(resp.shape[1])
     resp /= total[:, None]
     logits -= np.log(total)[:, None]
     return resp, logits
 
 
-def relevance_step(spec: MixtureSpec, column_totals, n_rows, counts, sums, relevance):
-    """``(D,)`` new ``c_d`` (SPEC §8), a function of summaries only, so the server can run it.
+#: Rows per log-sum-exp chunk inside a block: a chunk's logits stay in cache across its passes.
+LSE_CHUNK = 8192
+
+
+@dataclass
+class Pass:
+    """What one pass over the rows computed (only what was asked for)."""
+
+    counts: np.ndarray | None = None
+    sums: np.ndarray | None = None
+    entropy: np.ndarray | None = None
+    observed: np.ndarray | None = None
+    owned: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    resp: np.ndarray | None = None
+    pair_entropy: np.ndarray | None = None
+
+
+def _block_resp(logits, source: Source):
+    """Responsibilities (and ``log r`` when no merge is applied) of one block's logits."""
+    n = logits.shape[0]
+    r = np.empty_like(logits)
+    log_r = logits
+    for s in range(0, n, LSE_CHUNK):
+        rr, _ = normalise_with_log(logits[s : s + LSE_CHUNK])
+        r[s : s + LSE_CHUNK] = rr
+    if source.merge is not None:
+        return r @ source.merge, None
+    return r, log_r
+
+
+def run_pass(
+    problem: Problem,
+    source: Source,
+    *,
+    stats: bool = True,
+    owned: bool = False,
+    labels: bool = False,
+    resp: bool = False,
+    pairs: np.ndarray | None = None,
+) -> Pass:
+    """One pass over the rows under ``source``: the statistics (``counts``, ``sums``,
+    ``entropy``, observed counts) and, on request, rows owned per cluster (arg-max), the
+    arg-max labels ``(N,)``, the responsibilities ``(N, K)`` or the entropy of merged columns
+    ``pairs (M, 2)`` (``-sum_n (r_a + r_b) log(r_a + r_b)``)."""
+    data, opts = problem.data, problem.options
+    dtype = np.float32 if opts.precision == "float32" else np.float64
+    K, N = source.n_clusters, problem.n_rows
+    out = Pass()
+    if stats:
+        out.counts, out.entropy = np.zeros(K), np.zeros(K)
+        out.sums = np.zeros((K, data.n_columns))
+        if problem.missing_bernoulli:
+            out.observed = np.zeros((K, data.n_features))
+    if owned:
+        out.owned = np.zeros(K, dtype=np.int64)
+    if labels:
+        out.labels = np.empty(N, dtype=np.int64)
+    if resp:
+        out.resp = np.empty((N, K))
+    if pairs is not None:
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        out.pair_entropy = np.zeros(len(pairs))
+    if problem.accel is not None and not data.has_missing:
+        blocks = [(0, N, None, None)]
+    else:
+        blocks = data.blocks(opts.block_rows, dtype)
+    W = source.W.astype(dtype, copy=False)
+    for start, stop, X, mask in blocks:
+        if X is None:  # the torch backend: the whole table at once, on its device
+            r, counts, sums, entropy = problem.accel(source.W, source.bias)
+            if source.merge is not None:
+                r = r @ source.merge
+                entropy = -xlogy(r, r).sum(axis=0)
+                counts, sums = r.sum(axis=0), problem.accel.sums(r)
+            if stats:
+                out.counts += counts
+                out.sums += sums
+                out.entropy += entropy
+        else:
+            logits = np.asarray(X @ W.T, dtype=np.float64)
+            if source.E0 is not None:
+                logits += np.asarray(mask @ source.E0.T.astype(dtype), dtype=np.float64)
+                logits += source.bias
+            else:
+                logits += source.bias
+            r, log_r = _block_resp(logits, source)
+            if stats:
+                out.counts += r.sum(axis=0)
+                # (X.T @ R).T, not R.T @ X: the latter hits a slow BLAS path for tall R.
+                out.sums += np.asarray(X.T @ r.astype(dtype, copy=False)).T
+                if log_r is not None:
+                    out.entropy -= np.einsum("nk,nk->k", r, log_r)
+                else:
+                    out.entropy -= xlogy(r, r).sum(axis=0)
+                if out.observed is not None:
+                    out.observed += np.asarray(mask.T @ r.astype(dtype, copy=False)).T
+        if owned or labels:
+            am = np.argmax(r, axis=1)
+            if owned:
+                out.owned += np.bincount(am, minlength=K)
+            if labels:
+                out.labels[start:stop] = am
+        if resp:
+            out.resp[start:stop] = r
+        if pairs is not None and len(pairs):
+            col = r[:, pairs[:, 0]] + r[:, pairs[:, 1]]
+            out.pair_entropy -= xlogy(col, col).sum(axis=0)
+    return out
+
+
+def relevance_step(stats: Summaries, relevance: np.ndarray) -> np.ndarray:
+    """``(D,)`` new ``c_d``, a function of summaries only, so the server can run it.
 
     ``spec.relevance_update``:
 
@@ -161,13 +306,21 @@ def relevance_step(spec: MixtureSpec, column_totals, n_rows, counts, sums, relev
       fixed point at ``c_d = 1`` that a noise variable is stuck in when started there (the
       mean-field step sees the fit of ``q(phi)`` but not its KL cost, which grows like log N).
     """
+    spec = stats.spec
     if spec.relevance_update == "meanfield":
         a, b = spec.relevance_prior
-        data = spec.family().relevance_data_term(sums, counts, column_totals, n_rows, relevance)
+        data = spec.family().relevance_data_term(
+            stats.sums,
+            stats.counts,
+            stats.column_totals,
+            stats.column_observed_or_rows(),
+            relevance,
+            stats.observed,
+        )
         return expit(data + digamma(relevance + a) - digamma(1.0 - relevance + b))
 
     def f(c):
-        return relevance_objective(spec, counts, sums, column_totals, n_rows, c)
+        return relevance_objective(stats, c)
 
     D = len(relevance)
     grid = np.linspace(0.0, 1.0, 33)
@@ -194,103 +347,64 @@ def relevance_step(spec: MixtureSpec, column_totals, n_rows, counts, sums, relev
     return cand[np.argmax(cand_values, axis=0), np.arange(D)]
 
 
-def state_from_resp(problem: Problem, resp, relevance, ids, update_relevance=True) -> VIState:
-    """Global step from responsibilities: their statistics, the ``c`` update, the ELBO."""
-    counts, sums, entropy = sufficient_stats(problem.X, resp)
-    return _global_step(
-        problem, LocalStep(resp, counts, sums, entropy), relevance, ids, update_relevance
-    )
-
-
-def _global_step(
-    problem: Problem, step: LocalStep, relevance, ids, update_relevance=True
+def finish(
+    problem: Problem, p: Pass, relevance, ids, source: Source, update_relevance: bool = True
 ) -> VIState:
-    """The ``c`` update (variable selection) and the ELBO at the optimal global factors."""
+    """The global step from a pass's statistics: the ``c`` update (variable selection) and the
+    ELBO at the optimal global factors."""
+    stats = problem.summaries(p.counts, p.sums, p.entropy, p.observed, relevance)
     if problem.spec.variable_selection and update_relevance:
-        relevance = relevance_step(
-            problem.spec, problem.column_totals, problem.n_rows, step.counts, step.sums, relevance
-        )
-    return VIState(
-        step.resp,
-        step.counts,
-        step.sums,
-        step.entropy,
-        relevance,
-        ids,
-        elbo_of(problem, step.counts, step.sums, step.entropy, relevance),
-    )
+        stats = replace(stats, relevance=relevance_step(stats, relevance))
+    return VIState(stats, np.asarray(ids), elbo(stats), source)
 
 
-def elbo_of(problem: Problem, counts, sums, entropy, relevance) -> float:
-    return elbo_terms(
-        problem.spec,
-        counts,
-        sums,
-        entropy,
-        problem.prior_dim,
-        relevance,
-        problem.column_totals,
-        problem.n_rows,
-    )
+def local_step(problem: Problem, stats: Summaries, weight_counts=None, **want):
+    """The local update under the optimal global factors of ``stats``: ``(source, pass)``."""
+    source = source_of(problem, stats, weight_counts)
+    return source, run_pass(problem, source, **want)
 
 
 def iterate(problem: Problem, state: VIState) -> VIState:
     """One full CAVI iteration; the ELBO never decreases."""
-    step = local_step(
-        problem.X,
-        problem.spec,
-        state.counts,
-        state.sums,
-        state.relevance,
-        problem.prior_dim,
-        accel=problem.accel,
-    )
-    return _global_step(problem, step, state.relevance, state.ids)
+    source, p = local_step(problem, state.stats)
+    return finish(problem, p, state.relevance, state.ids, source)
 
 
 def drop_clusters(problem: Problem, state: VIState, drop: np.ndarray) -> VIState:
     """Remove clusters ``drop`` (mask) and give their rows to the others by a local step."""
-    keep = ~drop
-    step = local_step(
-        problem.X,
-        problem.spec,
-        state.counts[keep],
-        state.sums[keep],
-        state.relevance,
-        problem.prior_dim,
-        accel=problem.accel,
-    )
-    return _global_step(problem, step, state.relevance, state.ids[keep])
+    keep = ~np.asarray(drop, dtype=bool)
+    source, p = local_step(problem, state.stats.subset(keep))
+    return finish(problem, p, state.relevance, state.ids[keep], source)
+
+
+def hard_stats(problem: Problem, labels: np.ndarray, K: int, relevance=None) -> Summaries:
+    """Statistics of hard assignments ``labels (N,)`` in ``0..K-1``."""
+    data, opts = problem.data, problem.options
+    counts = np.bincount(labels, minlength=K).astype(np.float64)
+    sums = np.zeros((K, data.n_columns))
+    observed = np.zeros((K, data.n_features)) if problem.missing_bernoulli else None
+    eye = np.eye(K)
+    for start, stop, X, mask in data.blocks(opts.block_rows):
+        onehot = eye[labels[start:stop]]
+        sums += np.asarray(X.T @ onehot).T
+        if observed is not None:
+            observed += (mask.T @ onehot).T
+    return problem.summaries(counts, sums, np.zeros(K), observed, relevance)
 
 
 def initial_state(problem: Problem, labels: np.ndarray, n_components: int) -> VIState:
-    """State after one local step from hard labels, with ``alpha_hat = alpha0`` (SPEC §2)."""
-    resp = np.zeros((problem.n_rows, n_components))
-    resp[np.arange(problem.n_rows), labels] = 1.0
-    counts, sums, _ = sufficient_stats(problem.X, resp)
+    """State after one local step from hard labels, with ``alpha_hat = alpha0``."""
     relevance = np.ones(problem.spec.n_features) if problem.spec.variable_selection else None
-    step = local_step(
-        problem.X,
-        problem.spec,
-        counts,
-        sums,
-        relevance,
-        problem.prior_dim,
-        weight_counts=np.zeros(n_components),
-        accel=problem.accel,
-    )
-    return _global_step(problem, step, relevance, np.arange(n_components))
+    hard = hard_stats(problem, labels, n_components, relevance)
+    source, p = local_step(problem, hard, weight_counts=np.zeros(n_components))
+    return finish(problem, p, relevance, np.arange(n_components), source)
 
 
-def summaries_of(problem: Problem, state: VIState) -> Summaries:
-    """The :class:`Summaries` of a fitted state (what a site would send)."""
-    return Summaries(
-        counts=state.counts,
-        sums=state.sums,
-        entropy=state.entropy,
-        column_totals=problem.column_totals,
-        n_rows=problem.n_rows,
-        prior_dim=problem.prior_dim,
-        spec=problem.spec,
-        relevance=state.relevance,
-    )
+def owned_rows(problem: Problem, state: VIState) -> np.ndarray:
+    """``(K,)`` rows whose most probable cluster is each cluster (one pass)."""
+    return run_pass(problem, state.source, stats=False, owned=True).owned
+
+
+def labels_of(problem: Problem, state: VIState) -> np.ndarray:
+    """``(N,)`` most probable cluster of each row (one pass)."""
+    return run_pass(problem, state.source, stats=False, labels=True).labels

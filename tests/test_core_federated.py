@@ -7,11 +7,10 @@ import pytest
 
 import fedvi
 from fedvi.data import encode
-from fedvi.elbo import elbo_terms, merge_gain
-from fedvi.global_merge import pool
+from fedvi.elbo import elbo, merge_gain
+from fedvi.federated import shared_spec
 from fedvi.metrics import adjusted_rand_index
 from fedvi.summaries import Summaries
-from fedvi.vi import sufficient_stats
 
 WEIGHTS = np.array([0.3, 0.2, 0.15, 0.1, 0.1, 0.08, 0.07])
 # Each site misses two of the seven clusters (clusters 6 is on every site).
@@ -56,20 +55,28 @@ def test_federated_recovers_true_k_and_matches_pooled(likelihood, seed):
 
 def test_paper_mode_and_map_labels_also_recover():
     sites, truth = well_separated("bernoulli", 1)
-    res = fedvi.federated_fit(sites, merge="paper", labels="map", seed=0)
+    res = fedvi.federated_fit(sites, merge_mode="paper", label_mode="map", seed=0)
     assert res.n_clusters == 7
     assert adjusted_rand_index(np.concatenate(truth), np.concatenate(res.labels)) >= 0.95
 
 
+def sufficient_stats(X, resp):
+    """Statistics of rows ``X`` under ``resp``, written out by hand."""
+    X = X.toarray() if hasattr(X, "toarray") else X
+    return resp.sum(axis=0), resp.T @ X, -(resp * np.log(resp)).sum(axis=0)
+
+
 def _random_site_stats(X, K, seed, spec, K0):
     rng = np.random.default_rng(seed)
-    data = encode(X, spec.likelihood, spec.n_levels)
+    matrix, _ = encode(X, spec).design()
     resp = rng.dirichlet(np.full(K, 0.3), size=len(X))
-    counts, sums, entropy = sufficient_stats(data.matrix, resp)
-    s = Summaries(
-        counts, sums, entropy, np.asarray(data.matrix.sum(axis=0)).ravel(), len(X), K0, spec
-    )
-    return s, resp, data.matrix
+    counts, sums, entropy = sufficient_stats(matrix, resp)
+    s = Summaries(counts, sums, entropy, np.asarray(matrix.sum(axis=0)).ravel(), len(X), K0, spec)
+    return s, resp, matrix
+
+
+def _elbo(spec, counts, sums, entropy, K0):
+    return elbo(Summaries(counts, sums, entropy, sums.sum(axis=0), 0, K0, spec))
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "categorical"])
@@ -78,20 +85,20 @@ def test_global_merge_elbo_from_summaries_equals_pooled_rows(likelihood):
     block, columns summed as the mapping says) and recompute the ELBO from the rows."""
     sites, _ = well_separated(likelihood, 2, N=600)
     levels = (2,) * 30 if likelihood == "bernoulli" else (3,) * 30
-    spec = fedvi.MixtureSpec(likelihood, levels)
+    spec = fedvi.MixtureSpec(likelihood, n_levels=levels)
     stats = [_random_site_stats(X, 4, b, spec, 6) for b, X in enumerate(sites)]
     summaries = [s for s, _, _ in stats]
     # Single merge: gain from summaries vs recomputation.
-    pooled, site_of = pool(summaries)
+    pooled = Summaries.concat(summaries)
     j, k = 0, len(summaries[0].counts)  # cluster 0 of site 0 and cluster 0 of site 1
-    gain = merge_gain(spec, pooled.counts, pooled.sums, [j], [k])[0]
+    gain = merge_gain(pooled, [j], [k])[0]
     merged_counts = np.delete(pooled.counts, k)
     merged_counts[j] += pooled.counts[k]
     merged_sums = np.delete(pooled.sums, k, axis=0)
     merged_sums[j] += pooled.sums[k]
     merged_entropy = np.delete(pooled.entropy, k)
     merged_entropy[j] += pooled.entropy[k]
-    after = elbo_terms(spec, merged_counts, merged_sums, merged_entropy, pooled.prior_dim)
+    after = _elbo(spec, merged_counts, merged_sums, merged_entropy, pooled.prior_dim)
     assert after - fedvi.elbo(pooled) == pytest.approx(gain, rel=1e-9, abs=1e-7)
 
     # Full global merge: its ELBO equals the ELBO of the pooled rows under merged resp.
@@ -108,7 +115,7 @@ def test_global_merge_elbo_from_summaries_equals_pooled_rows(likelihood):
     counts, sums, entropy = sufficient_stats(Xall, R)
     # Entropy of the merged columns is the sum of the sites' (disjoint rows).
     np.testing.assert_allclose(entropy, result.posterior.entropy, rtol=1e-10)
-    recomputed = elbo_terms(spec, counts, sums, entropy, pooled.prior_dim)
+    recomputed = _elbo(spec, counts, sums, entropy, pooled.prior_dim)
     assert result.elbo == pytest.approx(recomputed, rel=1e-10)
     assert result.elbo >= result.elbo_before
     # The invariant: a global cluster holds at most one local cluster per site.
@@ -126,8 +133,8 @@ def test_global_merge_keeps_every_row_and_the_invariant(seed):
     data = simulate(900, 4, 15, likelihood="categorical", n_levels=3, seed=seed)
     parts = split_sites(data.z, 3, "dirichlet", seed=seed)
     sites = [data.X[p] for p in parts]
-    spec = fedvi.shared_spec(sites, "categorical")
-    summaries = [fedvi.fit_site(X, spec, 12, seed=7 + b).summaries for b, X in enumerate(sites)]
+    spec, _ = shared_spec(sites, fedvi.MixtureSpec("categorical", n_components=12))
+    summaries = [fedvi.fit_site(X, spec, seed=7 + b).summaries for b, X in enumerate(sites)]
     for mode in ("best_first", "paper"):
         result = fedvi.global_merge(summaries, mode=mode)
         assert result.posterior.counts.sum() == pytest.approx(900)
@@ -135,7 +142,7 @@ def test_global_merge_keeps_every_row_and_the_invariant(seed):
         for mapping in result.mapping:
             assert mapping.min() >= 0 and len(set(mapping.tolist())) == len(mapping)
         refined = fedvi.federated_fit(
-            sites, "categorical", n_components=12, seed=7, merge=mode, refine_rounds=2
+            sites, "categorical", n_components=12, seed=7, merge_mode=mode, refine_rounds=2
         )
         h = np.asarray(refined.elbo_history)
         assert np.all(np.diff(h) >= -1e-10 * np.abs(h[1:]))
@@ -143,7 +150,7 @@ def test_global_merge_keeps_every_row_and_the_invariant(seed):
 
 def test_best_first_is_independent_of_site_order_and_beats_nothing():
     sites, _ = well_separated("bernoulli", 4)
-    spec = fedvi.shared_spec(sites, "bernoulli")
+    spec, _ = shared_spec(sites, fedvi.MixtureSpec())
     fits = [fedvi.fit_site(X, spec, seed=b) for b, X in enumerate(sites)]
     forward = fedvi.global_merge([f.summaries for f in fits])
     backward = fedvi.global_merge([f.summaries for f in fits[::-1]])

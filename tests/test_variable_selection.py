@@ -92,10 +92,10 @@ def test_meanfield_update_is_available_and_monotone(data):
     assert m.spec_.relevance_update == "meanfield"
     h = m.elbo_history_
     assert np.all(np.diff(h) >= -1e-10 * np.abs(h[1:]))
-    spec = fedvi.MixtureSpec("bernoulli", (2,) * 3, relevance_update="meanfield")
+    spec = fedvi.MixtureSpec("bernoulli", n_levels=(2,) * 3, relevance_update="meanfield")
     assert spec.to_dict()["relevance_update"] == "meanfield"
     with pytest.raises(ValueError, match="relevance_update"):
-        fedvi.MixtureSpec("bernoulli", (2,) * 3, relevance_update="other")
+        fedvi.MixtureSpec("bernoulli", n_levels=(2,) * 3, relevance_update="other")
 
 
 def test_profiles_of_noise_variables_are_their_pooled_frequency(data, selected):

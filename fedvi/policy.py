@@ -1,0 +1,137 @@
+"""What a site allows: its own policy, which bounds every reply whatever the server asks.
+
+A deployed site reads its :class:`SitePolicy` from the SuperNode's node config (kebab-case
+keys: ``--node-config 'partition-id=3 data-path="/secure/codes.csv" min-cluster-size=10'``),
+never from the run config the coordinator sends. ``federated_fit`` and the simulations take one
+policy per site (or one for all). See docs/privacy.md for what each setting protects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from fedvi.settings import (
+    Boolean,
+    Interval,
+    InvalidSetting,
+    OneOf,
+    Optional,
+    Pattern,
+    Text,
+    check_fields,
+    setting,
+)
+
+#: Node-config keys that Flower itself sets or that name the site rather than its policy.
+NODE_IDENTITY_KEYS = ("partition-id", "num-partitions")
+
+
+class PolicyRefusal(Exception):
+    """A request that the site's policy does not allow; ``rule`` names the policy setting.
+
+    Its message never holds a cell value, a header, a path or a row number, so it may be sent to
+    the server as it is.
+    """
+
+    def __init__(self, rule: str, reason: str):
+        super().__init__(f"refused by the site's policy ({rule}): {reason}")
+        self.rule = rule
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """The site's own rules and resources (a floor is a floor: the server may ask for more)."""
+
+    min_cluster_size: int = setting(
+        5,
+        "disclosure floor: no released statistic (local cluster, refinement statistic, label "
+        "count, observed count) covers fewer rows of this site",
+        Interval(int, 1),
+    )
+    max_components: int = setting(
+        100,
+        "largest n_components (K_init) the server may ask for, and most global clusters this "
+        "site accepts in a posterior",
+        Interval(int, 1),
+    )
+    allow_refine: bool = setting(
+        True, "answer refinement rounds (sums per global cluster)", Boolean()
+    )
+    allow_labels: bool = setting(True, "answer the labelling round (counts per cluster)", Boolean())
+    require_secure_aggregation: bool = setting(
+        False,
+        "answer refinement and label rounds only under secure aggregation (SecAgg+)",
+        Boolean(),
+    )
+    dp_epsilon: float | None = setting(
+        None,
+        "this site adds Gaussian noise to its aggregate-round releases so that they are "
+        "(epsilon, delta)-DP at this total epsilon or less, whatever the server asks",
+        Optional(Interval(float, 0, open_low=True)),
+    )
+    data_path: str | None = setting(None, "the site's table (deployment)", Optional(Text()))
+    label_column: str | None = setting(
+        None, "column of known labels in the table, used only for scoring", Optional(Text())
+    )
+    output_dir: str | None = setting(None, "where the site writes its labels", Optional(Text()))
+    cache_dir: str | None = setting(
+        None,
+        "where the site keeps its encoded table between phases (default: <output-dir>/.fedvi)",
+        Optional(Text()),
+    )
+    allow_server_paths: bool = setting(
+        False,
+        "accept a data path, label column and output folder sent by the server (only the "
+        "simulation's built-in sites set this)",
+        Boolean(),
+    )
+    backend: str | None = setting(
+        None,
+        "this site's compute backend ('numpy' or 'torch'); None: the run's",
+        Optional(OneOf("numpy", "torch")),
+    )
+    device: str | None = setting(
+        None,
+        "this site's torch device; None: the run's",
+        Optional(Pattern(r"cpu|cuda(:[0-9]+)?", "'cpu', 'cuda' or 'cuda:<index>'")),
+    )
+
+    def __post_init__(self):
+        check_fields(self, owner="site policy ")
+
+    def floor(self, requested: int | None = None) -> int:
+        """The disclosure floor in force: this site's, raised (never lowered) by the server's."""
+        return max(self.min_cluster_size, int(requested or 0))
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> SitePolicy:
+        """The policy in a SuperNode's node config (kebab-case keys); unknown keys are errors."""
+        names = {f.name.replace("_", "-"): f.name for f in fields(cls)}
+        values = {}
+        unknown = []
+        for key, value in node_config.items():
+            if key in NODE_IDENTITY_KEYS:
+                continue
+            if key not in names:
+                unknown.append(key)
+                continue
+            values[names[key]] = value
+        if unknown:
+            raise InvalidSetting(
+                f"unknown node-config key(s) {sorted(unknown)}; allowed: "
+                f"{sorted([*names, *NODE_IDENTITY_KEYS])}"
+            )
+        return cls(**values)
+
+    def summary(self) -> dict[str, Any]:
+        """What the site tells the server in pre-flight (rules only: no paths)."""
+        return {
+            "min_cluster_size": self.min_cluster_size,
+            "max_components": self.max_components,
+            "allow_refine": self.allow_refine,
+            "allow_labels": self.allow_labels,
+            "require_secure_aggregation": self.require_secure_aggregation,
+            "dp_epsilon": self.dp_epsilon,
+        }
