@@ -416,6 +416,19 @@ def encode(X, spec: MixtureSpec, min_rows: int = 1, source: str | None = None) -
                 f"X{_where(source)} has missing cells; pass missing='ignore'",
                 kind="missing-value",
             )
+        if spec.resolved and tuple(X.n_levels) != tuple(spec.n_levels):
+            # Levels agreed across sites: this table's codes must fit them.
+            levels = np.asarray(spec.n_levels, dtype=np.int64)
+            if (X.n_levels > levels).any() and not X.sparse:
+                top = infer_levels(X.values, X.feature_names, source) if X.n_rows else levels
+                if (top > np.maximum(levels, 2)).any():
+                    j = int(np.flatnonzero(top > levels)[0])
+                    raise DataError(
+                        f"X{_where(source)}: {describe_column(j, X.feature_names)} has codes "
+                        f"up to {int(top[j]) - 1}, out of range for {levels[j]} levels",
+                        kind="bad-value",
+                    )
+            return dataclasses.replace(X, n_levels=levels)
         return X
     missing_code = False
     names = None

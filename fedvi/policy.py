@@ -135,3 +135,36 @@ class SitePolicy:
             "require_secure_aggregation": self.require_secure_aggregation,
             "dp_epsilon": self.dp_epsilon,
         }
+
+
+def check_posterior(posterior, policy: SitePolicy) -> None:
+    """Check a posterior the site did not compute before using it: a :class:`PolicyRefusal`
+    naming the rule when its shape or values are not those of a posterior (finite, counts and
+    sums non-negative, sums within the counts, relevance in [0, 1]) or it has more clusters than
+    the site's ``max-components``. (What a crafted posterior can still do, e.g. one cluster per
+    row, is bounded by the floor that every release applies.)"""
+    import numpy as np
+
+    s = posterior
+    G = s.n_clusters
+    if G < 1:
+        raise PolicyRefusal("posterior", "the posterior has no cluster")
+    if G > policy.max_components:
+        raise PolicyRefusal(
+            "max-components",
+            f"the posterior has {G} clusters; this site accepts at most {policy.max_components}",
+        )
+    if s.prior_dim < G:
+        raise PolicyRefusal("posterior", f"prior dimension {s.prior_dim} < {G} clusters")
+    arrays = [s.counts, s.sums, s.entropy, s.column_totals]
+    arrays += [a for a in (s.relevance, s.observed, s.column_observed) if a is not None]
+    if not all(np.isfinite(a).all() for a in arrays):
+        raise PolicyRefusal("posterior", "the posterior holds non-finite values")
+    if (s.counts < 0).any() or (s.sums < 0).any() or (s.entropy < 0).any():
+        raise PolicyRefusal("posterior", "the posterior holds negative statistics")
+    fam = s.spec.family()
+    limit = np.asarray(fam.observed(s.sums, s.counts, s.observed))[:, fam.block_index()]
+    if s.spec.likelihood == "bernoulli" and (s.sums > limit * (1 + 1e-9) + 1e-9).any():
+        raise PolicyRefusal("posterior", "the posterior's sums exceed its counts")
+    if s.relevance is not None and ((s.relevance < 0) | (s.relevance > 1)).any():
+        raise PolicyRefusal("posterior", "relevance outside [0, 1]")

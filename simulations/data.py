@@ -97,6 +97,13 @@ def load_sites(cfg) -> SiteData:
     return SiteData(list(sites), None if truth is None else list(truth), names)
 
 
+def read_site_truth(paths: list[str], label_column: str) -> list[np.ndarray]:
+    """Each site file's known labels (that column only; the tables are not loaded)."""
+    from fedvi.io import read_column
+
+    return [np.asarray(read_column(p, label_column)) for p in paths]
+
+
 def site_file_paths(cfg) -> list[str] | None:
     """The files the sites read directly (``data.source=files``), else ``None``."""
     if str(cfg.data.source) != "files":

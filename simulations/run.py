@@ -3,133 +3,206 @@
     python -m simulations.run                                  # default study, < 1 minute
     python -m simulations.run model=categorical federation.split=dirichlet
     python -m simulations.run -m model.alpha0=0.01,0.1 federation.sites=2,8
-    python -m simulations.run data=files 'data.paths=[a.csv,b.csv]' data.label_column=y
+    python -m simulations.run data=files 'data.paths=[a.csv,b.parquet]' data.label_column=y
 
-Sites run as Flower ClientApps on the simulation engine (Ray), each reading its table from a
-file; the outputs land in the Hydra run directory (see ``simulations.outputs``).
+Sites run as Flower ClientApps on the simulation engine (Ray), each reading its table from its
+file; the outputs land in the Hydra run directory (see ``strategies.outputs``). The exit status
+is 0 when the run completed, 3 when it completed without some sites, 1 when it failed; the
+console gets one line per site and phase, ``run.log`` the details.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import sys
 import time
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from simulations.data import load_sites, site_file_paths, write_site_files
-from simulations.outputs import write_outputs
-from strategies.server_app import build_strategy, components
+from simulations.data import load_sites, read_site_truth, site_file_paths, write_site_files
+from strategies.config import RunSettings, register
+from strategies.outputs import exit_code, write_outputs
+from strategies.server_app import build_strategy
 
 log = logging.getLogger("fedvi")
+register()
 
 
-def backend_config(fed_cfg) -> dict:
-    """Ray resources per site; ``num_cpus`` is capped at the machine's cores (more hangs)."""
+def backend_config(federation) -> dict:
+    """Ray resources per site; ``num_cpus`` is capped at the machine's cores (more hangs).
+    Sites' own logs stay in Ray (their failures reach the server as one line each)."""
     cores = os.cpu_count() or 1
-    num_cpus = float(fed_cfg.get("num_cpus", 1))
+    num_cpus = float(federation.num_cpus)
     if num_cpus > cores:
         log.warning("federation.num_cpus=%s > %d cores: using %d", num_cpus, cores, cores)
         num_cpus = float(cores)
     return {
-        "client_resources": {
-            "num_cpus": num_cpus,
-            "num_gpus": float(fed_cfg.get("num_gpus", 0.0)),
-        },
-        "init_args": {"num_cpus": cores, "include_dashboard": False, "log_to_driver": True},
+        "client_resources": {"num_cpus": num_cpus, "num_gpus": float(federation.num_gpus)},
+        "init_args": {"num_cpus": cores, "include_dashboard": False, "log_to_driver": False},
     }
 
 
-def run_federation(cfg: DictConfig, sites: list, data_paths: list[str], run_dir: str):
-    """Run the Flower simulation; returns the strategy (its ``outcome`` holds the result)."""
-    # Show every site's progress line; silence a Ray warning that does not apply here.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+class _ConsoleLines(logging.Filter):
+    """On the console: fedvi's own lines (one per site and phase) and warnings; not Flower's
+    round-by-round chatter, nor its notice that ``run_simulation`` is deprecated (it is what
+    this driver uses on purpose). Everything goes to run.log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "deprecated" in text.lower():
+            return False
+        return text.startswith("fedvi") or record.levelno >= logging.WARNING
+
+
+def _quiet_flower(run_dir: str) -> None:
+    flwr = logging.getLogger("flwr")
+    flwr.propagate = False
+    for h in flwr.handlers:
+        h.addFilter(_ConsoleLines())
+    fh = logging.FileHandler(os.path.join(run_dir, "run.log"))
+    fh.setFormatter(logging.Formatter("[%(asctime)s][flwr][%(levelname)s] - %(message)s"))
+    flwr.addHandler(fh)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def run_federation(settings: RunSettings, paths: list[str], label_column, run_dir: str):
+    """Run the Flower simulation; returns the strategy (its ``result`` holds the outcome)."""
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.server import ServerApp
     from flwr.simulation import run_simulation
 
-    from fedvi.flower_client import app as client_app
+    from fedvi.flower.client import make_client_app
+    from strategies.workflow import run_strategy
 
-    strategy = build_strategy(
-        cfg, len(sites), data_paths=data_paths, output_dir=os.path.join(run_dir, "labels")
+    n = len(paths)
+    settings = dataclasses.replace(
+        settings, federation=dataclasses.replace(settings.federation, sites=n, site_ids=None)
     )
-    server_app = ServerApp(server_fn=lambda context: components(strategy, cfg))
+    sim_paths = {
+        "sim.data_paths": paths,
+        "sim.label_column": label_column,
+        "sim.output_dir": os.path.join(run_dir, "labels"),
+    }
+    strategy = build_strategy(settings, sim_paths=sim_paths)
+    # The simulation's own sites accept the paths above; a deployed site never does.
+    site_policy = dataclasses.replace(settings.site, allow_server_paths=True)
+    client_app = make_client_app(lambda pid: site_policy)
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid, context):
+        try:
+            run_strategy(grid, context, strategy)
+        except Exception as exc:  # reported in results.json and the exit status
+            strategy.result.status = "failed"
+            strategy.result.error = strategy.result.error or f"{type(exc).__name__}: {exc}"
+            log.debug("the run failed", exc_info=exc)
+
     run_simulation(
         server_app=server_app,
         client_app=client_app,
-        num_supernodes=len(sites),
-        backend_config=backend_config(cfg.federation),
+        num_supernodes=n,
+        backend_config=backend_config(settings.federation),
     )
-    if not strategy.outcome.complete:
-        raise RuntimeError(
-            "the federation did not finish: "
-            + ("; ".join(f"{f['site']}: {f['error']}" for f in strategy.failures) or "see log")
-        )
+    if strategy.result.status not in ("completed", "completed_with_failures"):
+        strategy.result.status = "failed"
+        strategy.result.error = strategy.result.error or "the run stopped before labelling"
     return strategy
+
+
+def _site_labels(run_dir: str, result) -> list | None:
+    from fedvi.io import read_labels
+
+    out = []
+    for sid in sorted(result.sites):
+        if result.sites[sid].status != "ok":
+            return None
+        path = os.path.join(run_dir, "labels", f"labels_site{sid}.csv")
+        if not os.path.exists(path):
+            return None
+        out.append(read_labels(path))
+    return out
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """One run; returns the ARI when known labels exist (handy for sweeps)."""
     run_dir = HydraConfig.get().runtime.output_dir
-    # Flower prints its own log lines; do not print them twice through Hydra's root logger.
-    logging.getLogger("flwr").propagate = False
-    logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state DB set-up chatter
+    _quiet_flower(run_dir)
+    settings = RunSettings.from_cfg(cfg)
     wall = {}
     t = time.perf_counter()
-    sites, truth, names = load_sites(cfg)
-    paths = site_file_paths(cfg) or write_site_files(
-        sites, os.path.join(run_dir, "site_data"), names
-    )
+    sites = truth = None
+    paths = site_file_paths(cfg)
+    label_column = cfg.data.get("label_column") if paths else None
+    if paths is None:
+        sites, truth, names = load_sites(cfg)
+        paths = write_site_files(sites, os.path.join(run_dir, "site_data"), names)
     wall["data"] = time.perf_counter() - t
     log.info(
-        "fedvi: %d sites, rows %s, %d variables, %s/%s -> %s",
-        len(sites),
-        [int(x.shape[0]) for x in sites],
-        int(sites[0].shape[1]),
+        "fedvi: %d sites, %s/%s -> %s",
+        len(paths),
         cfg.data.source,
         cfg.federation.get("split", "-"),
         run_dir,
     )
     t = time.perf_counter()
-    strategy = run_federation(cfg, sites, paths, run_dir)
+    strategy = run_federation(settings, paths, label_column, run_dir)
     wall["simulation"] = time.perf_counter() - t
-    t = time.perf_counter()
+    result = strategy.result
+    if truth is None and label_column:
+        truth = read_site_truth(paths, label_column)
+    labels = _site_labels(run_dir, result)
     results = write_outputs(
-        strategy.outcome,
+        result,
         run_dir,
         cfg=cfg,
+        labels=labels,
         truth=truth,
-        feature_names=names,
         plots=bool(cfg.get("plots", True)),
         wall_clock=wall,
     )
-    wall["outputs"] = time.perf_counter() - t
     scores = ""
     if "ari" in results:
         scores = f", ARI {results['ari']:.4f}, NMI {results['nmi']:.4f}"
-    log.info(
-        "fedvi: %d global clusters, ELBO %.2f%s; uplink bytes %s; %.1f s; results in %s",
-        results["n_clusters"],
-        results["elbo"],
-        scores,
-        list(results["uplink_bytes"].values()),
-        wall["simulation"],
-        run_dir,
-    )
-    if results["failures"]:
-        log.warning("fedvi: failures: %s", results["failures"])
-    if cfg.get("comparators"):
-        try:
-            from simulations.compare import run_comparators
-        except ImportError as exc:
-            raise RuntimeError(
-                f"comparators={cfg.comparators} needs simulations/compare.py "
-                f"(run_comparators), which cannot be imported: {exc}"
-            ) from exc
+    if result.status == "failed":
+        log.error(
+            "fedvi: the run failed: %s (details in %s)",
+            result.error,
+            os.path.join(run_dir, "run.log"),
+        )
+    else:
+        log.info(
+            "fedvi: %s: %d global clusters, ELBO %.2f%s; uplink bytes %s; %.1f s; results in %s",
+            result.status,
+            results["n_clusters"],
+            results["elbo"],
+            scores,
+            list(results["uplink_bytes"].values()),
+            wall["simulation"],
+            run_dir,
+        )
+    for f in result.failures:
+        log.warning(
+            "fedvi: site %s (node %s) failed in %s: %s",
+            f["site"],
+            f["node"],
+            f["phase"],
+            f["error"],
+        )
+    if cfg.get("comparators") and result.status != "failed":
+        from simulations.tables import run_comparators
+
+        if sites is None:
+            sites, truth, _ = load_sites(cfg)
         run_comparators(cfg, sites, truth, results, run_dir)
+    code = exit_code(result)
+    if code and not HydraConfig.get().mode.name == "MULTIRUN":
+        sys.exit(code)
     return results.get("ari")
 
 

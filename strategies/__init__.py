@@ -1,5 +1,4 @@
-"""Flower server side of fedvi: the FedMerDel strategy and the ServerApp."""
+"""The Flower server of fedvi: the FedMerDel strategy, its workflows and the ServerApp.
 
-from strategies.fedmerdel import FedMerDel, FedMerDelOutcome, SiteFailureError
-
-__all__ = ["FedMerDel", "FedMerDelOutcome", "SiteFailureError"]
+Imports Flower and the core (``fedvi``); never ``simulations`` (which sits on top).
+"""

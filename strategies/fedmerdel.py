@@ -1,28 +1,31 @@
-"""FedMerDel as a Flower ``Strategy``: schema check, global merge, refinement, labelling.
+"""FedMerDel as a Flower ``Strategy``: pre-flight, global merge, refinement, labelling.
 
-Rounds (one phase each, see :attr:`FedMerDel.phases`):
+Rounds (one phase each, :attr:`FedMerDel.phases`):
 
-1. ``schema`` (categorical without ``n_levels`` only): sites send their per-column number of
-   levels; the server keeps the union (maximum), as ``fedvi.shared_spec`` does in-process.
-2. ``local``: sites fit MerDel and send their :class:`fedvi.Summaries`; ``aggregate_fit``
-   checks that all sites share one schema and model and calls ``fedvi.global_merge``.
-3. ``refine`` x ``refine_rounds``: sites send statistics under the global posterior, the
-   server sums them with ``fedvi.combine_refinement``.
-4. ``label``: the posterior (and, in ``map`` mode, each site's map) is broadcast; sites write
-   their labels locally and return counts per global cluster.
+1. ``preflight``: every connected node checks its table and policy and returns its schema and
+   row count (no fit). The server learns which node is which site (a node claiming an id the
+   coordinator did not list is not used; two nodes claiming one id stop the run before any
+   fit), agrees the categorical levels, and leaves out, naming them and saying what differs,
+   sites whose schema differs from the others (the run goes on while ``min_sites`` remain).
+2. ``local``: the sites fit MerDel and send their :class:`fedvi.Summaries`; the server merges
+   them with :func:`fedvi.global_merge` (or into a resumed model, :func:`fedvi.extend`'s merge).
+3. ``refine`` x ``refine_rounds``: sites that allow it send statistics under the global
+   posterior (securely summed with SecAgg+ when ``secure_aggregation``); sites that do not
+   take part contribute their one-shot statistics. A round with a missing site is not applied
+   and ends refinement.
+4. ``label``: the posterior is broadcast; sites write their labels locally and return counts
+   per global cluster (a sum only, under secure aggregation).
 
-The maths is the core's; this module only moves its inputs and outputs. Failed sites are
-reported in :attr:`FedMerDel.failures`; the run continues while at least ``min_sites``
-answered, and stops with an error naming the failures otherwise.
+The maths is the core's; this module moves its inputs and outputs and keeps
+:attr:`FedMerDel.result` (a :class:`fedvi.FederatedResult`): every failure is named by site and
+node in it, whatever phase it happens in.
 """
 
 from __future__ import annotations
 
-import json
-import re
+import dataclasses
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
@@ -40,204 +43,291 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-import fedvi
+from fedvi import secagg
 from fedvi.elbo import elbo
-from fedvi.flower_client import posterior_config
-from fedvi.global_merge import MERGE_MODES, SchemaMismatchError, check_compatible
-from fedvi.labels import LABEL_MODES
+from fedvi.federated import combine_refinement, fixed_contribution
+from fedvi.global_merge import check_compatible, global_merge
+from fedvi.model import FittedModel
+from fedvi.options import FitOptions, ServerOptions
+from fedvi.protocol import (
+    K_SECONDS,
+    Phase,
+    Preflight,
+    ProtocolError,
+    decode_refine,
+    decode_summaries,
+    encode_request,
+    parse_site_error,
+    reply_site,
+    variable_hashes,
+)
+from fedvi.result import FederatedResult, SiteReport
+from fedvi.spec import MixtureSpec
+from fedvi.summaries import Summaries
+from strategies.options import StrategyOptions
 
 
 class SiteFailureError(RuntimeError):
-    """Fewer than ``min_sites`` sites answered a round."""
+    """Too few sites answered, or the federation's identities are inconsistent."""
 
 
-@dataclass
-class FedMerDelOutcome:
-    """Everything the server learned (no rows): per site keyed by partition id.
-
-    posterior: the global :class:`fedvi.Summaries` (``G`` clusters). mapping: ``(K_b,)``
-    global cluster of each local cluster. counts: ``(G,)`` rows per global cluster, ``-1``
-    where suppressed. uplink_bytes: bytes of arrays each site sent, per phase.
-    timings: server wall-clock per phase (seconds); site_seconds: each site's time per phase.
-    """
-
-    posterior: fedvi.Summaries | None = None
-    merge: fedvi.GlobalMerge | None = None
-    site_summaries: dict[int, fedvi.Summaries] = field(default_factory=dict)
-    mapping: dict[int, np.ndarray] = field(default_factory=dict)
-    counts: dict[int, np.ndarray] = field(default_factory=dict)
-    n_rows: dict[int, int] = field(default_factory=dict)
-    label_files: dict[int, str] = field(default_factory=dict)
-    uplink_bytes: dict[int, dict[str, int]] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    site_seconds: dict[int, dict[str, float]] = field(default_factory=dict)
-    elbo_history: list[float] = field(default_factory=list)
-    failures: list[dict[str, str]] = field(default_factory=list)
-    label_mode: str = "posterior"
-    n_levels: list[int] | None = None
-    complete: bool = False
-
-    @property
-    def n_clusters(self) -> int:
-        return 0 if self.posterior is None else self.posterior.n_clusters
-
-    @property
-    def elbo(self) -> float | None:
-        return None if self.posterior is None else float(elbo(self.posterior))
-
-    @property
-    def cluster_profiles(self) -> np.ndarray:
-        """``(G, P)`` posterior mean ``E[phi]`` of each global cluster."""
-        g = self.posterior
-        return g.profiles()
+class SiteIdentityError(SiteFailureError):
+    """Two nodes claim the same partition id."""
 
 
-_SITE_ERROR = re.compile(r"site (\d+) failed in phase '[^']*': [^\n]*?(?='>|\n|$)")
-
-
-def short_error(text: str) -> tuple[int | None, str]:
-    """The site and the one-line reason of a failed reply (Flower wraps a site's exception
-    in tracebacks); ``(None, text)`` when the reply does not name a site."""
-    matches = list(_SITE_ERROR.finditer(text))
-    if not matches:
-        return None, text
-    return int(matches[-1].group(1)), matches[-1].group(0)
-
-
-def _arrays_nbytes(arrays: list[np.ndarray]) -> int:
-    return int(sum(np.asarray(a).nbytes for a in arrays))
+def schema_difference(ref: Preflight, other: Preflight) -> str | None:
+    """What differs between two sites' schemas (by variable position and name hash), or None."""
+    if other.n_features != ref.n_features and other.variable_hashes is None:
+        return f"{other.n_features} variables instead of {ref.n_features}"
+    if ref.variable_hashes is not None and other.variable_hashes is not None:
+        a, b = list(ref.variable_hashes), list(other.variable_hashes)
+        if set(a) == set(b):
+            return None  # same variables; columns are matched by name on the site
+        missing = [i + 1 for i, h in enumerate(a) if h not in b]
+        extra = [i + 1 for i, h in enumerate(b) if h not in a]
+        renamed = sorted(set(missing) & set(extra))
+        parts = []
+        if renamed:
+            parts.append(f"variables #{renamed} renamed")
+        only_missing = [i for i in missing if i not in renamed]
+        only_extra = [i for i in extra if i not in renamed]
+        if only_missing:
+            parts.append(f"missing the reference's variables #{only_missing}")
+        if only_extra:
+            parts.append(f"{len(only_extra)} extra variables (its #{only_extra})")
+        return "; ".join(parts)
+    if (ref.variable_hashes is None) != (other.variable_hashes is None):
+        return "one table has variable names and the other has none"
+    if other.n_features != ref.n_features:
+        return f"{other.n_features} variables instead of {ref.n_features}"
+    return None
 
 
 class FedMerDel(Strategy):
     """The FedMerDel server (see the module docstring).
 
-    model: ``likelihood``, ``n_levels`` (list or ``None``), ``alpha0``, ``beta``,
-    ``variable_selection``, ``relevance_prior``. fit_options: keyword arguments of
-    :class:`fedvi.FitOptions`. data_paths: one file per site for simulations (``[]`` when
-    the SuperNodes carry ``data-path``). on_complete: called with the outcome after labelling.
+    spec, fit, server: the run's model, local-fit and server settings. options: the Flower
+    server's own (:class:`StrategyOptions`). expected_sites: partition ids of the sites to use.
+    seed: seed of the run (site ``b`` fits with ``seed + b``). sim_paths: the simulation's own
+    site files (only sites that opt in accept them). resume: a model to extend with new sites.
+    on_complete: called with :attr:`result` after labelling.
     """
 
     def __init__(
         self,
-        n_sites: int,
-        model: dict,
-        n_components: int = 20,
-        fit_options: dict | None = None,
+        spec: MixtureSpec,
+        fit: FitOptions,
+        server: ServerOptions,
+        options: StrategyOptions,
+        expected_sites,
         seed: int = 0,
-        merge: str = "best_first",
-        labels: str = "posterior",
-        refine_rounds: int = 0,
-        min_sites: int | None = None,
-        min_cluster_size: int = 5,
-        data_paths: list[str] | None = None,
-        label_column: str | None = None,
-        output_dir: str = ".",
-        wait_timeout: float = 300.0,
-        on_complete: Callable[[FedMerDelOutcome], None] | None = None,
+        sim_paths: dict | None = None,
+        resume: FittedModel | None = None,
+        on_complete: Callable[[FederatedResult], None] | None = None,
     ):
         super().__init__()
-        if merge not in MERGE_MODES:
-            raise ValueError(f"merge must be one of {MERGE_MODES}, got {merge!r}")
-        if labels not in LABEL_MODES:
-            raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
-        self.n_sites = int(n_sites)
-        self.min_sites = self.n_sites if min_sites is None else int(min_sites)
-        if not 1 <= self.min_sites <= self.n_sites:
-            raise ValueError(f"min_sites must be in 1..{self.n_sites}, got {min_sites}")
-        self.model = dict(model)
-        self.n_components = int(n_components)
-        self.fit_options = dict(fit_options or {})
+        self.spec, self.fit, self.server, self.options = spec, fit, server, options
+        self.expected = tuple(sorted(int(s) for s in expected_sites))
+        if not self.expected:
+            raise ValueError("no expected sites")
+        self.min_sites = len(self.expected) if options.min_sites is None else options.min_sites
+        if self.min_sites > len(self.expected):
+            raise ValueError(
+                f"min_sites={self.min_sites} exceeds the {len(self.expected)} expected sites"
+            )
         self.seed = int(seed)
-        self.merge_mode = merge
-        self.refine_rounds = int(refine_rounds)
-        self.min_cluster_size = int(min_cluster_size)
-        self.data_paths = list(data_paths or [])
-        self.label_column = label_column or ""
-        self.output_dir = str(output_dir)
-        self.wait_timeout = float(wait_timeout)
+        self.sim_paths = sim_paths
+        self.resume = resume
         self.on_complete = on_complete
-        self.outcome = FedMerDelOutcome(
-            label_mode="map" if labels == "map" and self.refine_rounds == 0 else "posterior",
-            n_levels=None if model.get("n_levels") is None else list(model["n_levels"]),
-        )
-        needs_schema = model["likelihood"] == "categorical" and model.get("n_levels") is None
+        if resume is not None:
+            self.spec = resume.spec
+            server = dataclasses.replace(server, refine_rounds=0)
         self.phases = (
-            (["schema"] if needs_schema else [])
-            + ["local"]
-            + ["refine"] * self.refine_rounds
-            + ["label"]
+            [Phase.PREFLIGHT, Phase.LOCAL] + [Phase.REFINE] * server.refine_rounds + [Phase.LABEL]
         )
-        self._site_of: dict[str, int] = {}
+        self.result = FederatedResult(label_mode=server.label_mode)
+        self.result.privacy = {
+            "secure_aggregation": options.secure_aggregation,
+            "dp_epsilon": server.dp_epsilon,
+            "dp_delta": server.dp_delta,
+        }
+        if resume is not None:
+            self.result.notes.append(
+                f"resumed from a model of {len(resume.site_ids)} sites {list(resume.site_ids)}: "
+                "new sites are merged in, no refinement rounds"
+            )
+        self.node_site: dict[str, int] = {}
+        self.preflights: dict[int, Preflight] = {}
+        self.agreed_spec: MixtureSpec | None = None
+        self.posterior: Summaries | None = None
+        self.fixed: dict[int, Summaries] = {}
+        self.membership: np.ndarray | None = None
+        self.refining = True
+        self._asked: dict[int, set[int]] = {}
         self._t0 = 0.0
+        self._preflighted: set[str] = set()
+        self._aggregated: set[int] = set()
 
     def __repr__(self) -> str:
-        return f"FedMerDel(sites={self.n_sites}, merge={self.merge_mode}, phases={self.phases})"
+        return f"FedMerDel(sites={list(self.expected)}, phases={[p.value for p in self.phases]})"
 
     @property
     def num_rounds(self) -> int:
         return len(self.phases)
 
     @property
-    def failures(self) -> list[dict[str, str]]:
-        return self.outcome.failures
+    def failures(self) -> list[dict]:
+        return self.result.failures
 
-    def phase(self, server_round: int) -> str:
+    def phase(self, server_round: int) -> Phase:
         if not 1 <= server_round <= len(self.phases):
             raise ValueError(f"round {server_round} is outside the plan {self.phases}")
         return self.phases[server_round - 1]
+
+    def secure_round(self, server_round: int) -> bool:
+        """Whether this round's replies are summed with SecAgg+ (refine and label rounds)."""
+        return self.options.secure_aggregation and self.phase(server_round) in (
+            Phase.REFINE,
+            Phase.LABEL,
+        )
+
+    # --- timeouts -----------------------------------------------------------------------------
+    def timeout_for(self, phase: Phase) -> float:
+        """Seconds a site has to answer ``phase``: the configured ``round_timeout``, else a
+        bound derived from the largest site's table (rows x variables) from pre-flight."""
+        if phase is Phase.PREFLIGHT:
+            return self.options.preflight_timeout
+        if self.options.round_timeout is not None:
+            return self.options.round_timeout
+        cells = max((p.n_rows * p.n_features for p in self.preflights.values()), default=1e6)
+        if phase is Phase.LOCAL:
+            return 120.0 + 3e-6 * cells
+        return 60.0 + 5e-7 * cells
 
     # --- Strategy API ---------------------------------------------------------------------
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return ndarrays_to_parameters([])
 
-    def base_config(self, phase: str) -> dict[str, Scalar]:
-        """Round config sent to every site (scalars only)."""
-        model = dict(self.model)
-        if self.outcome.n_levels is not None:
-            model["n_levels"] = list(self.outcome.n_levels)
-        return {
-            "phase": phase,
-            "model": json.dumps(model),
-            "fit_options": json.dumps(self.fit_options),
-            "n_components": self.n_components,
-            "seed": self.seed,
-            "min_cluster_size": self.min_cluster_size,
-            "data_paths": json.dumps(self.data_paths),
-            "label_column": self.label_column,
-            "output_dir": self.output_dir,
-        }
+    def request(self, phase: Phase, site: int | None = None) -> FitIns:
+        """The round sent to ``site`` (``FitIns``)."""
+        spec = self.agreed_spec or self.spec
+        posterior = mapping = scale = None
+        if phase in (Phase.REFINE, Phase.LABEL):
+            posterior = self.posterior
+        if (
+            phase is Phase.LABEL
+            and self.result.label_mode == "map"
+            and site in self.result.sites
+            and self.result.sites[site].mapping is not None
+        ):
+            mapping = self.result.sites[site].mapping
+        server = self.server
+        if self.options.secure_aggregation and phase in (Phase.REFINE, Phase.LABEL):
+            scale = self.secagg_scale()
+        arrays, config = encode_request(
+            phase,
+            spec,
+            self.fit,
+            server,
+            self.seed,
+            posterior=posterior,
+            mapping=mapping,
+            sim_paths=self.sim_paths,
+            secagg_scale=scale,
+        )
+        return FitIns(ndarrays_to_parameters(arrays), config)
+
+    def secagg_scale(self) -> float:
+        """One power-of-two scale above any value a site may send in a SecAgg+ round: the
+        largest site's rows times ``log G`` (entropies), with room for DP noise."""
+        rows = max((p.n_rows for p in self.preflights.values()), default=1)
+        G = self.posterior.n_clusters if self.posterior is not None else 2
+        bound = rows * max(1.0, float(np.log(max(G, 2)))) + 1.0
+        if self.server.dp_epsilon is not None or any(
+            p.policy.get("dp_epsilon") for p in self.preflights.values()
+        ):
+            bound *= 4.0  # clamped noisy values stay within the counts; headroom for the sum
+        return secagg.secagg_scale(bound)
+
+    def wait_for_sites(self, client_manager: ClientManager) -> None:
+        """Wait until as many nodes as expected sites are connected, or ``wait_for_sites``
+        seconds, with a progress line every 10 s."""
+        n = len(self.expected)
+        deadline = time.monotonic() + self.options.wait_for_sites
+        last = 0.0
+        while True:
+            nodes = client_manager.all()
+            if len(nodes) >= n or time.monotonic() >= deadline:
+                break
+            if time.monotonic() - last >= 10:
+                log(
+                    INFO,
+                    "fedvi: waiting for %d sites: %d nodes connected %s (up to %.0f s more)",
+                    n,
+                    len(nodes),
+                    sorted(nodes),
+                    deadline - time.monotonic(),
+                )
+                last = time.monotonic()
+            client_manager.wait_for(
+                len(nodes) + 1, timeout=min(10, max(1, deadline - time.monotonic()))
+            )
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         phase = self.phase(server_round)
         self._t0 = time.perf_counter()
-        client_manager.wait_for(self.min_sites, timeout=int(self.wait_timeout))
-        clients = sorted(client_manager.all().values(), key=lambda c: str(c.cid))
-        if len(clients) < self.min_sites:
-            raise SiteFailureError(
-                f"only {len(clients)} sites connected within {self.wait_timeout:.0f} s; "
-                f"min_sites={self.min_sites}"
-            )
-        config = self.base_config(phase)
-        arrays: list[np.ndarray] = []
-        if phase in ("refine", "label"):
-            arrays = self.outcome.posterior.to_arrays()
-            config.update(posterior_config(self.outcome.posterior))
-        params = ndarrays_to_parameters(arrays)
-        log(INFO, "FedMerDel round %d: phase %s on %d sites", server_round, phase, len(clients))
+        if phase is Phase.PREFLIGHT:
+            self.wait_for_sites(client_manager)
+            proxies = [
+                p for cid, p in sorted(client_manager.all().items()) if cid not in self._preflighted
+            ]
+            self._preflighted |= {p.cid for p in proxies}
+            ins = self.request(phase)
+            out = [(p, ins) for p in proxies]
+            self._asked[server_round] = set()
+            log(INFO, "fedvi round %d: pre-flight on %d nodes", server_round, len(out))
+            return out
+        if phase is Phase.REFINE and not self.refining:
+            return []
+        sites = self.participants(phase)
+        by_site = {
+            self.node_site[cid]: p
+            for cid, p in client_manager.all().items()
+            if cid in self.node_site
+        }
         out = []
-        for c in clients:
-            cfg = dict(config)
-            if phase == "label":
-                site = self._site_of.get(str(c.cid))
-                if self.outcome.label_mode == "map" and site in self.outcome.mapping:
-                    cfg["label_mode"] = "map"
-                    cfg["mapping"] = json.dumps(self.outcome.mapping[site].tolist())
-                else:
-                    cfg["label_mode"] = "posterior"
-            out.append((c, FitIns(params, cfg)))
+        for s in sites:
+            if s not in by_site:
+                self._fail(phase, s, None, "not connected")
+                continue
+            out.append((by_site[s], self.request(phase, s)))
+        self._asked[server_round] = {self.node_site[p.cid] for p, _ in out}
+        if phase is Phase.REFINE and self.options.secure_aggregation and len(out) < 2:
+            self._stop_refining("secure aggregation needs at least 2 sites that take part")
+            return []
+        log(
+            INFO,
+            "fedvi round %d: phase %s on sites %s",
+            server_round,
+            phase.value,
+            sorted(self._asked[server_round]),
+        )
         return out
+
+    def participants(self, phase: Phase) -> list[int]:
+        """The sites a phase is sent to."""
+        ok = [s for s, r in sorted(self.result.sites.items()) if r.status == "ok"]
+        if phase is Phase.LOCAL:
+            return [s for s in ok if s not in self.fixed]
+        if phase is Phase.REFINE:
+            return [s for s in ok if s not in self.fixed and self._allows(s, "allow_refine")]
+        return [s for s in ok if self._allows(s, "allow_labels")]
+
+    def _allows(self, site: int, rule: str) -> bool:
+        pre = self.preflights.get(site)
+        return bool(pre.policy.get(rule, True)) if pre is not None else True
 
     def aggregate_fit(
         self,
@@ -246,27 +336,46 @@ class FedMerDel(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         phase = self.phase(server_round)
-        answers = self._collect(phase, results, failures)
-        if phase == "schema":
-            self._aggregate_schema(answers)
-        elif phase == "local":
-            self._aggregate_local(answers)
-        elif phase == "refine":
-            self._aggregate_refine(answers)
-        else:
-            self._aggregate_label(answers)
-        self.outcome.timings[phase] = self.outcome.timings.get(phase, 0.0) + (
-            time.perf_counter() - self._t0
-        )
-        if phase == "label":
-            self.outcome.complete = True
-            if self.on_complete is not None:
-                self.on_complete(self.outcome)
-        post = self.outcome.posterior
+        self._aggregated.add(server_round)
+        try:
+            answers = self._collect(server_round, phase, results, failures)
+            handler = {
+                Phase.PREFLIGHT: self._aggregate_preflight,
+                Phase.LOCAL: self._aggregate_local,
+                Phase.REFINE: self._aggregate_refine,
+                Phase.LABEL: self._aggregate_label,
+            }[phase]
+            handler(answers, server_round)
+        except Exception as exc:
+            self.result.status = "failed"
+            self.result.error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self.result.timings[phase.value] = self.result.timings.get(phase.value, 0.0) + (
+                time.perf_counter() - self._t0
+            )
+        if phase is Phase.LABEL:
+            self._complete()
+        post = self.posterior
         return (None if post is None else ndarrays_to_parameters(post.to_arrays())), {
-            "phase": phase,
-            "n_clusters": self.outcome.n_clusters,
+            "phase": phase.value,
+            "n_clusters": 0 if post is None else post.n_clusters,
         }
+
+    def after_secure_round(self, server_round: int) -> None:
+        """Called after a SecAgg+ round: if the protocol halted before aggregating (too few
+        sites answered a stage), say so and go on without that round's result."""
+        if server_round in self._aggregated:
+            return
+        phase = self.phase(server_round)
+        why = "secure aggregation halted: too few sites answered one of its stages"
+        for site in sorted(self._asked.get(server_round, ())):
+            self._fail(phase, site, self.result.sites[site].node_id, why)
+        if phase is Phase.REFINE:
+            self._stop_refining(why)
+        else:
+            self.result.notes.append(f"label counts unknown: {why}")
+            self._complete()
 
     def configure_evaluate(self, server_round, parameters, client_manager):
         return []
@@ -282,96 +391,321 @@ class FedMerDel(Strategy):
     def evaluate(self, server_round: int, parameters: Parameters):
         return None
 
-    # --- phases ---------------------------------------------------------------------------
-    def _collect(self, phase, results, failures) -> dict[int, tuple[list[np.ndarray], dict]]:
-        """Answers by site id (sorted); records failures; raises if fewer than min_sites."""
+    # --- bookkeeping ---------------------------------------------------------------------
+    def _site_report(self, site: int) -> SiteReport:
+        if site not in self.result.sites:
+            self.result.sites[site] = SiteReport(site=site)
+        return self.result.sites[site]
+
+    def _fail(self, phase: Phase, site: int | None, node: str | None, error: str) -> None:
+        entry = {
+            "phase": phase.value,
+            "site": site,
+            "node": None if node is None else str(node),
+            "error": error,
+        }
+        self.result.failures.append(entry)
+        who = f"site {site}" if site is not None else "a node"
+        if node is not None:
+            who += f" (node {node})"
+        log(WARNING, "fedvi phase %s: %s failed: %s", phase.value, who, error)
+        if site is not None and site in self.result.sites and phase is not Phase.LABEL:
+            rep = self.result.sites[site]
+            rep.status, rep.error = "failed", error
+
+    def _stop_refining(self, why: str) -> None:
+        if self.refining:
+            self.refining = False
+            self.result.notes.append(f"refinement stopped: {why}")
+            log(WARNING, "fedvi: refinement stopped: %s", why)
+
+    def _collect(self, server_round, phase: Phase, results, failures) -> dict[int, tuple]:
+        """Answers by site (sorted); every failure and every site that did not answer is named."""
+        answers: dict[int, tuple] = {}
+        failed_sites: set[int] = set()
         for f in failures:
             if isinstance(f, BaseException):
-                sid, error = short_error(f"{type(f).__name__}: {f}")
-                site = "unknown site" if sid is None else f"site {sid}"
+                site, _, reason = parse_site_error(f"{f}")
+                node = (
+                    None if site is None else self.result.sites.get(site, SiteReport(site)).node_id
+                )
             else:
                 proxy, res = f
-                sid = self._site_of.get(str(proxy.cid))
-                site = "unknown site" if sid is None else f"site {sid}"
-                error = f"{res.status.code.name}: {res.status.message}"
-            self.outcome.failures.append({"phase": phase, "site": site, "error": error})
-            log(WARNING, "FedMerDel phase %s: %s failed: %s", phase, site, error)
-        answers: dict[int, tuple[list[np.ndarray], dict]] = {}
+                node = proxy.cid
+                site, _, reason = parse_site_error(f"{res.status.message}")
+                site = self.node_site.get(proxy.cid, site)
+            if site is None and phase is not Phase.PREFLIGHT:
+                continue  # named below, as a site that did not answer
+            if site is not None:
+                failed_sites.add(site)
+            self._fail(phase, site, node, reason)
+        seen_nodes = {}
         for proxy, res in results:
-            if "partition_id" not in res.metrics:
-                raise ValueError(f"node {proxy.cid} answered without a partition_id")
-            sid = int(res.metrics["partition_id"])
-            if sid in answers:
-                raise ValueError(
-                    f"two nodes claim site {sid} (partition-id); give each SuperNode its own"
+            try:
+                site = reply_site(res.metrics)
+            except ProtocolError as exc:
+                self._fail(phase, None, proxy.cid, str(exc))
+                continue
+            known = self.node_site.get(proxy.cid)
+            if phase is not Phase.PREFLIGHT and known != site:
+                self._fail(phase, known, proxy.cid, f"reply claims site {site}")
+                continue
+            if phase is Phase.PREFLIGHT and site in seen_nodes:
+                raise SiteIdentityError(
+                    f"two nodes claim site {site} (partition-id): nodes "
+                    f"{' and '.join(sorted([seen_nodes[site], proxy.cid]))}; give each SuperNode "
+                    "its own partition-id"
                 )
-            self._site_of[str(proxy.cid)] = sid
+            seen_nodes[site] = proxy.cid
             arrays = parameters_to_ndarrays(res.parameters)
-            answers[sid] = (arrays, {**res.metrics, "num_examples": int(res.num_examples)})
-            self.outcome.uplink_bytes.setdefault(sid, {})[phase] = self.outcome.uplink_bytes.get(
-                sid, {}
-            ).get(phase, 0) + _arrays_nbytes(arrays)
-            self.outcome.site_seconds.setdefault(sid, {})[phase] = float(
-                res.metrics.get("seconds", 0.0)
+            answers[site] = (proxy, arrays, dict(res.metrics), int(res.num_examples))
+        asked = self._asked.get(server_round, set())
+        for site in sorted(asked - set(answers) - failed_sites):
+            node = self.result.sites[site].node_id if site in self.result.sites else None
+            self._fail(phase, site, node, "no reply (the node died, left, or timed out)")
+        for site, (_, arrays, metrics, _) in answers.items():
+            if site not in self.expected:
+                continue
+            rep = self._site_report(site)
+            rep.uplink_bytes[phase.value] = rep.uplink_bytes.get(phase.value, 0) + int(
+                sum(np.asarray(a).nbytes for a in arrays)
             )
-        if len(answers) < self.min_sites:
-            detail = "; ".join(f"{f['site']}: {f['error']}" for f in self.outcome.failures)
-            raise SiteFailureError(
-                f"phase {phase!r}: only {len(answers)} of {self.n_sites} sites answered "
-                f"(min_sites={self.min_sites}). Failures: {detail or 'none reported'}"
+            rep.seconds[phase.value] = float(metrics.get(K_SECONDS, 0.0))
+            log(
+                INFO,
+                "fedvi %s: site %d (node %s): %s rows, %.2f s",
+                phase.value,
+                site,
+                answers[site][0].cid,
+                metrics.get("schema.n_rows", rep.n_rows),
+                rep.seconds[phase.value],
             )
+            if "privacy.epsilon_spent" in metrics:
+                rep.privacy = {"epsilon_spent": float(metrics["privacy.epsilon_spent"])}
         return dict(sorted(answers.items()))
 
-    def _aggregate_schema(self, answers) -> None:
-        widths = {sid: len(a[0]) for sid, (a, _) in answers.items()}
-        if len(set(widths.values())) > 1:
-            raise SchemaMismatchError(
-                "sites have different numbers of variables: "
-                + ", ".join(f"site {s}: {w}" for s, w in widths.items())
+    def _require(self, phase: Phase, n: int) -> None:
+        if n < self.min_sites:
+            detail = "; ".join(f"site {f['site']}: {f['error']}" for f in self.result.failures)
+            raise SiteFailureError(
+                f"phase {phase.value!r}: only {n} of {len(self.expected)} sites can go on "
+                f"(min_sites={self.min_sites}). Failures: {detail or 'none reported'}"
             )
-        levels = np.max([np.asarray(a[0], dtype=np.int64) for a, _ in answers.values()], axis=0)
-        self.outcome.n_levels = [int(v) for v in levels]
-        log(INFO, "FedMerDel schema: %d variables, levels agreed", len(levels))
 
-    def _aggregate_local(self, answers) -> None:
-        sites = list(answers)
-        names = [f"site {s}" for s in sites]
-        summaries = [fedvi.Summaries.from_arrays(a, m) for a, m in answers.values()]
-        check_compatible(summaries, names)
-        merged = fedvi.global_merge(summaries, mode=self.merge_mode, names=names)
-        o = self.outcome
-        o.merge = merged
-        o.posterior = merged.posterior
-        o.site_summaries = dict(zip(sites, summaries, strict=True))
-        o.mapping = dict(zip(sites, merged.mapping, strict=True))
-        o.n_rows = {s: int(m["n_rows"]) for s, (_, m) in answers.items()}
-        o.elbo_history = [merged.elbo_before, merged.elbo]
+    # --- phases -----------------------------------------------------------------------------
+    def _aggregate_preflight(self, answers, server_round) -> None:
+        for site, (proxy, _, metrics, _) in answers.items():
+            if site not in self.expected:
+                self.result.notes.append(
+                    f"node {proxy.cid} claims site {site}, which is not an expected site: not used"
+                )
+                log(
+                    WARNING,
+                    "fedvi: node %s claims site %d, not expected: not used",
+                    proxy.cid,
+                    site,
+                )
+                continue
+            if self.resume is not None and site in self.resume.site_ids:
+                self.result.notes.append(f"site {site} is already in the resumed model: not used")
+                continue
+            try:
+                pre = Preflight.from_metrics(site, metrics)
+            except ProtocolError as exc:
+                self._fail(Phase.PREFLIGHT, site, proxy.cid, str(exc))
+                continue
+            self.preflights[site] = pre
+            self.node_site[proxy.cid] = site
+            rep = self._site_report(site)
+            rep.node_id, rep.n_rows, rep.status = proxy.cid, pre.n_rows, "ok"
+            rep.schema = {
+                "n_rows": pre.n_rows,
+                "n_features": pre.n_features,
+                "levels": list(pre.levels),
+                "names_hash": pre.names_hash,
+                "has_missing": pre.has_missing,
+            }
+            rep.policy = dict(pre.policy)
+        for f in self.result.failures:
+            if f["phase"] == "preflight" and f["site"] is not None:
+                self._site_report(f["site"]).status = "failed"
+                self._site_report(f["site"]).error = f["error"]
+        missing = [
+            s
+            for s in self.expected
+            if s not in self.result.sites
+            and not (self.resume is not None and s in self.resume.site_ids)
+        ]
+        for s in missing:
+            self._fail(Phase.PREFLIGHT, s, None, "not connected")
+            self._site_report(s).status = "failed"
+        self._agree_schema()
+        ok = [s for s, r in self.result.sites.items() if r.status == "ok"]
         log(
             INFO,
-            "FedMerDel merge (%s): %d local clusters from %d sites -> %d global clusters",
-            self.merge_mode,
+            "fedvi pre-flight: sites %s ready (%s rows); missing or failed: %s",
+            sorted(ok),
+            [self.preflights[s].n_rows for s in sorted(ok)],
+            sorted(s for s, r in self.result.sites.items() if r.status != "ok"),
+        )
+        self._require(Phase.PREFLIGHT, len(ok))
+
+    def _agree_schema(self) -> None:
+        """Leave out sites whose schema differs from the reference (the resumed model's, the
+        configured variable names, or the first site's), and agree on the levels."""
+        ok = sorted(s for s, r in self.result.sites.items() if r.status == "ok")
+        if not ok:
+            return
+        ref = self.preflights[ok[0]]
+        if self.resume is not None or self.spec.feature_names is not None:
+            names = (self.resume.spec if self.resume is not None else self.spec).feature_names
+            ref = dataclasses.replace(
+                ref, n_features=len(names), variable_hashes=tuple(variable_hashes(names))
+            )
+        for s in ok:
+            pre = self.preflights[s]
+            diff = schema_difference(ref, pre)
+            if (
+                diff is None
+                and self.spec.likelihood == "bernoulli"
+                and any(v > 2 for v in pre.levels)
+            ):
+                diff = "non-binary values in a Bernoulli model"
+            if diff is not None:
+                self._fail(
+                    Phase.PREFLIGHT,
+                    s,
+                    self.result.sites[s].node_id,
+                    f"schema differs from the reference: {diff}",
+                )
+                self.result.sites[s].status = "failed"
+        ok = sorted(s for s, r in self.result.sites.items() if r.status == "ok")
+        if not ok:
+            return
+        spec = self.resume.spec if self.resume is not None else self.spec
+        if spec.resolved:
+            self.agreed_spec = spec
+            return
+        if spec.likelihood == "categorical" and spec.n_levels is None:
+            levels = np.max([self.preflights[s].levels for s in ok], axis=0)
+        elif isinstance(spec.n_levels, int):
+            levels = np.full(self.preflights[ok[0]].n_features, spec.n_levels)
+        else:
+            levels = np.full(self.preflights[ok[0]].n_features, 2)
+        self.agreed_spec = spec.resolve(levels, spec.feature_names)
+
+    def _aggregate_local(self, answers, server_round) -> None:
+        sites, summaries = [], []
+        for site, (proxy, arrays, metrics, _) in answers.items():
+            try:
+                s = decode_summaries(arrays, metrics, "summaries")
+            except (ProtocolError, ValueError) as exc:
+                self._fail(Phase.LOCAL, site, proxy.cid, f"malformed summaries ({exc})")
+                continue
+            rep = self.result.sites[site]
+            rep.summaries, rep.n_rows = s, s.n_rows
+            rep.n_iter = int(metrics.get("fit.n_iter", 0))
+            rep.converged = bool(metrics.get("fit.converged", False))
+            sites.append(site)
+            summaries.append(s)
+        self._require(Phase.LOCAL, len(sites))
+        names = [f"site {s}" for s in sites]
+        check_compatible(summaries, names)
+        base = None
+        if self.resume is not None:
+            r = self.resume
+            base = (r.posterior, r.membership, list(r.site_ids))
+        merged = global_merge(
+            summaries, self.server.merge_mode, names=names, site_ids=sites, base=base
+        )
+        self.result.merge = merged
+        self.posterior = merged.posterior
+        self.membership = merged.membership
+        for s, m in zip(sites, merged.mapping, strict=True):
+            self.result.sites[s].mapping = m
+        self.result.elbo_history = [merged.elbo_before, merged.elbo]
+        one_shot = self.server.refine_rounds == 0 or self.resume is not None
+        self.result.label_mode = (
+            "map" if self.server.label_mode == "map" and one_shot else "posterior"
+        )
+        for s in sites:
+            if not self._allows(s, "allow_refine"):
+                self.fixed[s] = fixed_contribution(
+                    self.result.sites[s].summaries,
+                    self.result.sites[s].mapping,
+                    self.posterior.n_clusters,
+                )
+        log(
+            INFO,
+            "fedvi merge (%s): %d local clusters from %d sites -> %d global clusters",
+            self.server.merge_mode,
             sum(s.n_clusters for s in summaries),
             len(sites),
             merged.n_clusters,
         )
 
-    def _aggregate_refine(self, answers) -> None:
-        o = self.outcome
-        if set(answers) != set(o.site_summaries):
-            missing = sorted(set(o.site_summaries) - set(answers))
-            msg = f"refinement round skipped: sites {missing} did not answer"
-            o.failures.append({"phase": "refine", "site": "server", "error": msg})
-            log(WARNING, "FedMerDel %s", msg)
+    def _aggregate_refine(self, answers, server_round) -> None:
+        asked = self._asked.get(server_round, set())
+        missing = sorted(asked - set(answers))
+        if missing:
+            self._stop_refining(f"sites {missing} did not answer round {server_round}")
             return
-        stats = [fedvi.Summaries.from_arrays(a, m) for a, m in answers.values()]
-        o.posterior = fedvi.combine_refinement(o.posterior, stats)
-        o.elbo_history.append(float(elbo(o.posterior)))
-        log(INFO, "FedMerDel refinement: ELBO %.4f", o.elbo_history[-1])
+        if not answers:
+            return
+        post = self.posterior
+        if self.options.secure_aggregation:
+            _, arrays, metrics, _ = next(iter(answers.values()))
+            summed = secagg.decode_limbs(arrays, self.secagg_scale(), len(answers))
+            n_rows = sum(self.result.sites[s].n_rows for s in answers)
+            stats = [decode_refine(summed, post, n_rows)]
+        else:
+            stats = []
+            for site, (proxy, arrays, _, _) in answers.items():
+                try:
+                    stats.append(decode_refine(arrays, post, self.result.sites[site].n_rows))
+                except ProtocolError as exc:
+                    self._fail(Phase.REFINE, site, proxy.cid, str(exc))
+                    self._stop_refining(f"site {site} sent malformed statistics")
+                    return
+        noisy = self.server.dp_epsilon is not None or any(
+            self.preflights[s].policy.get("dp_epsilon") for s in answers
+        )
+        new, accepted, kept = combine_refinement(post, stats, list(self.fixed.values()), noisy)
+        if not accepted:
+            self._stop_refining(
+                f"round {server_round} would have lowered the ELBO (sites' floors restricted "
+                "their assignments)"
+            )
+            return
+        self.fixed = {s: f.subset(kept) for s, f in self.fixed.items()}
+        self.membership = self.membership[kept]
+        self.posterior = new
+        self.result.elbo_history.append(float(elbo(new)))
+        log(INFO, "fedvi refinement: ELBO %.4f", self.result.elbo_history[-1])
 
-    def _aggregate_label(self, answers) -> None:
-        o = self.outcome
-        for sid, (arrays, metrics) in answers.items():
-            o.counts[sid] = np.asarray(arrays[0], dtype=np.int64)
-            o.n_rows.setdefault(sid, int(metrics["num_examples"]))
-            o.label_files[sid] = str(metrics.get("labels_path", ""))
-        log(INFO, "FedMerDel labels written on %d sites", len(answers))
+    def _aggregate_label(self, answers, server_round) -> None:
+        G = self.posterior.n_clusters
+        if self.options.secure_aggregation and answers:
+            _, arrays, _, _ = next(iter(answers.values()))
+            total = secagg.decode_limbs(arrays, self.secagg_scale(), len(answers))[0]
+            self.result.privacy["label_counts_total"] = np.rint(total).astype(np.int64).tolist()
+            for site in answers:
+                self.result.sites[site].counts = None
+        else:
+            for site, (proxy, arrays, _, _) in answers.items():
+                counts = np.asarray(arrays[0], dtype=np.int64) if arrays else np.zeros(0)
+                if counts.shape != (G,):
+                    self._fail(Phase.LABEL, site, proxy.cid, "label counts of the wrong shape")
+                    continue
+                self.result.sites[site].counts = counts
+        log(INFO, "fedvi: labels written on sites %s", sorted(answers))
+
+    def _complete(self) -> None:
+        model_sites = list(self.result.merge.site_ids) if self.result.merge else []
+        self.result.model = FittedModel(self.posterior, tuple(model_sites), self.membership)
+        failed = [s for s, r in self.result.sites.items() if r.status != "ok"]
+        self.result.status = (
+            "completed_with_failures" if (failed or self.result.failures) else "completed"
+        )
+        if self.on_complete is not None:
+            self.on_complete(self.result)

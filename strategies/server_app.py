@@ -1,16 +1,18 @@
-"""The Flower ``ServerApp`` (deployment: ``flwr run . <federation>``) and the strategy factory.
+"""The Flower ``ServerApp`` of a real federation (``flwr run . <connection>``).
 
-The run config (``[tool.flwr.app.config]``, scalars only) names a Hydra config and override
-strings; the app composes them with Hydra's compose API, so a deployed run and a simulation
-read the same ``configs/``. Run-config keys:
+The run config (``[tool.flwr.app.config]``, scalars only) names a Hydra config of ``configs/``
+and override strings; the app composes them, so a deployed run and a simulation read the same
+configs. Run-config keys:
 
-- ``config-name`` (``"config"``), ``overrides`` (e.g. ``"model=categorical strategy.merge=paper"``)
-- ``num-sites``: sites to wait for (``0``: ``federation.sites`` of the config)
-- ``output-dir``: where the server writes ``results.json`` and profiles
-  (``""``: ``./fedvi-runs/run-<run id>`` in the ServerApp's working directory)
-- ``data-dir``: single-machine trials only (the ``local-simulation`` federation): write the
-  configured data source as one file per site there; the sites read them unless their node
-  config names a ``data-path``. ``""`` (real deployments): every site brings ``data-path``.
+- ``config-name`` (``"config"``) and ``overrides`` (e.g. ``"federation.sites=3
+  strategy.secure_aggregation=true"``);
+- ``output-dir``: where the server writes ``results.json``, ``model.npz`` and the profiles
+  (``""``: ``./fedvi-runs/run-<run id>`` in the ServerApp's working directory);
+- ``resume``: a model file to extend with the sites of this run (:func:`fedvi.extend`'s merge).
+
+The sites read their own tables (their node config's ``data-path``); the server never names a
+file to a deployed site. ``results.json`` is written for every run, completed or failed; a failed
+run also raises, so that ``flwr list <connection> --run-id <id>`` reports ``finished:failed``.
 """
 
 from __future__ import annotations
@@ -18,135 +20,84 @@ from __future__ import annotations
 import os
 import shlex
 import time
-from collections.abc import Callable
-from logging import INFO
-from pathlib import Path
+from logging import ERROR, INFO
 
 from flwr.app import Context
 from flwr.common.logger import log
-from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+from flwr.server import ServerApp
 
-from simulations.data import load_sites, site_file_paths, write_site_files
-from strategies.fedmerdel import FedMerDel, FedMerDelOutcome
-
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-
-
-def compose_config(config_name: str = "config", overrides: list[str] | None = None):
-    """The Hydra config ``config_name`` of ``configs/`` with ``overrides`` applied."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose(config_name=config_name, overrides=list(overrides or []))
+from fedvi.model import load_model
+from strategies.config import RunSettings, compose_config
+from strategies.fedmerdel import FedMerDel
+from strategies.outputs import write_outputs
+from strategies.workflow import run_strategy
 
 
-def model_dict(model_cfg) -> dict:
-    """The model part of the round config (JSON-able) from ``cfg.model``."""
-    n_levels = model_cfg.get("n_levels")
-    if n_levels is not None and not isinstance(n_levels, int):
-        n_levels = [int(v) for v in n_levels]
-    return {
-        "likelihood": str(model_cfg.likelihood),
-        "n_levels": n_levels,
-        "alpha0": float(model_cfg.alpha0),
-        "beta": None if model_cfg.get("beta") is None else float(model_cfg.beta),
-        "variable_selection": bool(model_cfg.get("variable_selection", False)),
-        "relevance_prior": [float(v) for v in model_cfg.get("relevance_prior", (2.0, 2.0))],
-        "use_feature_names": bool(model_cfg.get("use_feature_names", True)),
-        "relevance_update": str(model_cfg.get("relevance_update", "collapsed")),
-    }
+class RunFailed(RuntimeError):
+    """The run did not complete (the reason is in ``results.json``)."""
 
 
-def fit_options(model_cfg) -> dict:
-    """Keyword arguments of ``fedvi.FitOptions`` from ``cfg.model``."""
-    return {
-        "moves": str(model_cfg.get("moves", "merdel")),
-        "move_every": int(model_cfg.get("move_every", 5)),
-        "delete_order": str(model_cfg.get("delete_order", "smallest")),
-        "max_iter": int(model_cfg.get("max_iter", 1000)),
-        "tol": float(model_cfg.get("tol", 1e-8)),
-        "backend": str(model_cfg.get("backend", "numpy")),
-        "device": str(model_cfg.get("device", "cpu")),
-    }
-
-
-def build_strategy(
-    cfg,
-    n_sites: int,
-    data_paths: list[str] | None = None,
-    output_dir: str = "",
-    on_complete: Callable[[FedMerDelOutcome], None] | None = None,
-) -> FedMerDel:
-    """The FedMerDel strategy of a composed config."""
-    s = cfg.strategy
-    label_column = cfg.data.get("label_column") if cfg.data.get("source") == "files" else None
+def build_strategy(settings: RunSettings, sim_paths=None, resume=None, on_complete=None):
+    """The FedMerDel strategy of a run's settings."""
     return FedMerDel(
-        n_sites=n_sites,
-        model=model_dict(cfg.model),
-        n_components=int(cfg.model.n_components),
-        fit_options=fit_options(cfg.model),
-        seed=int(cfg.seed),
-        merge=str(s.merge),
-        labels=str(s.labels),
-        refine_rounds=int(s.get("refine_rounds", 0)),
-        min_sites=s.get("min_sites"),
-        min_cluster_size=int(s.get("min_cluster_size", 5)),
-        data_paths=data_paths,
-        label_column=label_column,
-        output_dir=output_dir,
-        wait_timeout=float(s.get("round_timeout", 600)),
+        settings.spec,
+        settings.fit,
+        settings.server,
+        settings.strategy,
+        settings.federation.expected(),
+        seed=settings.seed,
+        sim_paths=sim_paths,
+        resume=resume,
         on_complete=on_complete,
     )
 
 
-def components(strategy: FedMerDel, cfg) -> ServerAppComponents:
-    """Strategy plus a server config with one round per phase."""
-    timeout = cfg.strategy.get("round_timeout")
-    return ServerAppComponents(
-        strategy=strategy,
-        config=ServerConfig(
-            num_rounds=strategy.num_rounds,
-            round_timeout=None if timeout is None else float(timeout),
-        ),
+def run_and_report(grid, context: Context, strategy: FedMerDel, out_dir: str, cfg, **outputs):
+    """Run ``strategy`` on ``grid`` and write the run directory whatever happens; raises
+    :class:`RunFailed` when the run did not complete."""
+    t0 = time.perf_counter()
+    error = None
+    try:
+        run_strategy(grid, context, strategy)
+    except Exception as exc:  # the run's outcome is reported, then re-raised
+        error = exc
+        strategy.result.status = "failed"
+        strategy.result.error = strategy.result.error or f"{type(exc).__name__}: {exc}"
+        log(ERROR, "fedvi: the run failed: %s", strategy.result.error)
+    if strategy.result.status not in ("completed", "completed_with_failures"):
+        strategy.result.status = "failed"
+        strategy.result.error = strategy.result.error or "the run stopped before labelling"
+    wall = {"total": time.perf_counter() - t0, **outputs.pop("wall_clock", {})}
+    write_outputs(strategy.result, out_dir, cfg=cfg, wall_clock=wall, **outputs)
+    r = strategy.result
+    log(
+        INFO,
+        "fedvi: %s; %d clusters; %d failures; results in %s",
+        r.status,
+        r.n_clusters,
+        len(r.failures),
+        out_dir,
     )
+    if r.status == "failed":
+        raise RunFailed(r.error) from error
 
 
-def server_fn(context: Context) -> ServerAppComponents:
-    """Deployment entry: compose the config named in the run config and write the outputs."""
+app = ServerApp()
+
+
+@app.main()
+def main(grid, context: Context) -> None:
+    """Deployment entry: compose the config named in the run config, run, write the outputs."""
     rc = context.run_config
     cfg = compose_config(
         str(rc.get("config-name", "config")), shlex.split(str(rc.get("overrides", "")))
     )
-    n_sites = int(rc.get("num-sites", 0)) or int(cfg.federation.sites)
+    settings = RunSettings.from_cfg(cfg)
     out_dir = str(rc.get("output-dir", "")) or os.path.join("fedvi-runs", f"run-{context.run_id}")
     out_dir = os.path.abspath(out_dir)
-    t0 = time.perf_counter()
-
-    def finish(outcome: FedMerDelOutcome) -> None:
-        from simulations.outputs import write_outputs
-
-        wall = {"total": time.perf_counter() - t0}
-        write_outputs(
-            outcome, out_dir, cfg=cfg, plots=bool(cfg.get("plots", True)), wall_clock=wall
-        )
-        log(INFO, "fedvi: %d clusters; results in %s", outcome.n_clusters, out_dir)
-
-    data_paths: list[str] = []
-    if str(cfg.data.source) == "files":
-        data_paths = site_file_paths(cfg) or []
-    elif str(rc.get("data-dir", "")):
-        sites, _, names = load_sites(cfg)
-        data_paths = write_site_files(sites, os.path.abspath(str(rc["data-dir"])), names)
-    if data_paths and not int(rc.get("num-sites", 0)):
-        n_sites = len(data_paths)
-    strategy = build_strategy(
-        cfg, n_sites, data_paths=data_paths, output_dir="", on_complete=finish
+    resume = load_model(str(rc["resume"])) if str(rc.get("resume", "")) else None
+    strategy = build_strategy(settings, resume=resume)
+    log(INFO, "fedvi ServerApp: %r; outputs in %s", strategy, out_dir)
+    run_and_report(
+        grid, context, strategy, out_dir, cfg, plots=bool(cfg.get("plots", True)), deployment=True
     )
-    log(INFO, "fedvi ServerApp: %r, waiting for %d sites", strategy, n_sites)
-    return components(strategy, cfg)
-
-
-app = ServerApp(server_fn=server_fn)

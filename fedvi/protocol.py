@@ -1,0 +1,378 @@
+"""The wire protocol between the FedMerDel server and its sites, in one place.
+
+Both sides use this module (the site's ClientApp in :mod:`fedvi.flower`, the strategy in
+``strategies/``); neither imports the other. It needs no Flower: a round is a list of NumPy
+arrays plus a flat dict of scalars (Flower's ``FitIns``/``FitRes`` carry exactly that), and the
+reply the same. Settings travel as their dataclass fields under a prefix (``model.alpha0``,
+``fit.moves``, ``server.min_cluster_size``), encoded and decoded generically from the
+dataclasses, so a new setting reaches the site without touching this module; a decoded value is
+checked by the dataclass like any other.
+
+Phases (one per round): ``preflight`` (the site checks its file and policy and returns its
+schema and row count, no fit), ``local`` (local MerDel fit; returns :class:`Summaries`),
+``refine`` (statistics per global cluster under the broadcast posterior) and ``label`` (labels
+written on the site; counts per global cluster returned).
+
+Errors: a site never lets an exception's text cross the wire. It raises :class:`SiteError`,
+whose message is built here from the phase, the site and a rule or category
+(:func:`site_error_message`), and keeps the full message in its own log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from fedvi.options import FitOptions, ServerOptions
+from fedvi.settings import IntList, Levels, Names, PositivePair
+from fedvi.spec import MixtureSpec
+from fedvi.summaries import Summaries
+
+PROTOCOL_VERSION = 2
+
+
+class Phase(str, Enum):
+    PREFLIGHT = "preflight"
+    LOCAL = "local"
+    REFINE = "refine"
+    LABEL = "label"
+
+
+PHASES = tuple(p.value for p in Phase)
+
+# -- keys ---------------------------------------------------------------------------------
+K_PROTOCOL = "fedvi.protocol"
+K_PHASE = "fedvi.phase"
+K_SEED = "fedvi.seed"
+K_SITE = "fedvi.site"
+K_SECONDS = "fedvi.seconds"
+K_SECAGG = "fedvi.secagg"  # set by the site's own mod, never trusted from the server
+#: Paths the server may send to the simulation's built-in sites (refused by any other site):
+#: one data file per partition id (a JSON list), the label column, and the output folder.
+SIM_KEYS = ("sim.data_paths", "sim.label_column", "sim.output_dir")
+
+#: Constraints whose tuple values travel as JSON text (Flower configs hold scalars only).
+_JSON_CONSTRAINTS = (Levels, Names, PositivePair, IntList)
+
+
+class ProtocolError(ValueError):
+    """A round or reply does not follow this protocol (wrong version, key or shape)."""
+
+
+class SiteError(RuntimeError):
+    """The only exception a site lets reach the server: its message is safe to send."""
+
+
+# -- settings on the wire --------------------------------------------------------------------
+def encode_settings(obj: Any, prefix: str) -> dict[str, Any]:
+    """The fields of a settings dataclass as flat scalar entries ``<prefix>.<field>``
+    (``None`` is left out; tuples become JSON lists)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if v is None:
+            continue
+        if isinstance(v, tuple | list):
+            v = json.dumps(list(v))
+        elif isinstance(v, np.generic):
+            v = v.item()
+        out[f"{prefix}.{f.name}"] = v
+    return out
+
+
+def decode_settings(cls, config: Mapping[str, Any], prefix: str, **override):
+    """Rebuild a settings dataclass from ``<prefix>.<field>`` entries (missing ones take the
+    default); unknown ``<prefix>.*`` keys are a :class:`ProtocolError`. The dataclass checks
+    every value."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    head = prefix + "."
+    for key, v in config.items():
+        if not key.startswith(head):
+            continue
+        name = key[len(head) :]
+        if name not in fields:
+            raise ProtocolError(f"unknown setting {key!r} in the round config")
+        if isinstance(v, str) and isinstance(fields[name].metadata.get("check"), _JSON_CONSTRAINTS):
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError:
+                raise ProtocolError(f"setting {key!r} is not valid JSON") from None
+        values[name] = v
+    values.update(override)
+    return cls(**values)
+
+
+def encode_summaries(s: Summaries, prefix: str) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """A :class:`Summaries` as arrays plus scalar metadata under ``prefix``."""
+    meta = {f"{prefix}.n_rows": int(s.n_rows), f"{prefix}.prior_dim": int(s.prior_dim)}
+    meta.update(encode_settings(s.spec, f"{prefix}.spec"))
+    return s.to_arrays(), meta
+
+
+def decode_summaries(arrays, config: Mapping[str, Any], prefix: str) -> Summaries:
+    spec = decode_settings(MixtureSpec, config, f"{prefix}.spec")
+    if not spec.resolved:
+        raise ProtocolError(f"{prefix}: the model's levels are missing")
+    try:
+        meta = {
+            "n_rows": int(config[f"{prefix}.n_rows"]),
+            "prior_dim": int(config[f"{prefix}.prior_dim"]),
+            "spec": json.dumps(spec.to_dict()),
+        }
+        return Summaries.from_arrays(list(arrays), meta)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ProtocolError(f"{prefix}: malformed statistics ({exc})") from None
+
+
+# -- requests ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Request:
+    """One round as the site reads it (after :func:`decode_request`)."""
+
+    phase: Phase
+    spec: MixtureSpec
+    fit: FitOptions
+    server: ServerOptions
+    seed: int
+    posterior: Summaries | None = None
+    mapping: np.ndarray | None = None
+    sim_paths: dict[str, Any] | None = None
+    secagg_scale: float | None = None
+
+
+def encode_request(
+    phase: Phase | str,
+    spec: MixtureSpec,
+    fit: FitOptions,
+    server: ServerOptions,
+    seed: int,
+    posterior: Summaries | None = None,
+    mapping: np.ndarray | None = None,
+    sim_paths: Mapping[str, Any] | None = None,
+    secagg_scale: float | None = None,
+) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """``(arrays, config)`` of a round: the phase, every setting, the posterior (refine,
+    label), the site's local-to-global map (map labelling) and, for the simulation's own sites
+    only, the paths they read and write."""
+    phase = Phase(phase)
+    config: dict[str, Any] = {K_PROTOCOL: PROTOCOL_VERSION, K_PHASE: phase.value, K_SEED: seed}
+    config.update(encode_settings(spec, "model"))
+    config.update(encode_settings(fit, "fit"))
+    config.update(encode_settings(server, "server"))
+    arrays: list[np.ndarray] = []
+    if posterior is not None:
+        arrays, meta = encode_summaries(posterior, "posterior")
+        config.update(meta)
+    if mapping is not None:
+        arrays = [*arrays, np.asarray(mapping, dtype=np.int64)]
+        config["label.mapping"] = True
+    for key, value in (sim_paths or {}).items():
+        if key not in SIM_KEYS:
+            raise ProtocolError(f"unknown simulation key {key!r}")
+        if value:
+            config[key] = json.dumps(list(value)) if key == "sim.data_paths" else str(value)
+    if secagg_scale is not None:
+        config["secagg.scale"] = float(secagg_scale)
+    return arrays, config
+
+
+def decode_request(arrays, config: Mapping[str, Any]) -> Request:
+    """The round a site received, every value checked; a :class:`ProtocolError` (or a settings
+    error) when it does not follow the protocol."""
+    version = config.get(K_PROTOCOL)
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {version!r}; this site speaks version {PROTOCOL_VERSION}"
+        )
+    try:
+        phase = Phase(config.get(K_PHASE))
+    except ValueError:
+        raise ProtocolError(f"unknown phase {config.get(K_PHASE)!r}") from None
+    known = ("model.", "fit.", "server.", "posterior.", "sim.", "secagg.", "label.", "fedvi.")
+    stray = sorted(k for k in config if not k.startswith(known))
+    if stray:
+        raise ProtocolError(f"unknown round-config keys {stray}")
+    seed = config.get(K_SEED)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ProtocolError("the round config carries no integer seed")
+    arrays = list(arrays)
+    mapping = None
+    if config.get("label.mapping"):
+        if not arrays:
+            raise ProtocolError("label.mapping announced but no array sent")
+        mapping = np.asarray(arrays.pop(), dtype=np.int64)
+    posterior = None
+    if phase in (Phase.REFINE, Phase.LABEL):
+        posterior = decode_summaries(arrays, config, "posterior")
+    elif arrays:
+        raise ProtocolError(f"phase {phase.value!r} takes no arrays, got {len(arrays)}")
+    sim = {k: str(config[k]) for k in SIM_KEYS if k in config}
+    if "sim.data_paths" in sim:
+        try:
+            sim["sim.data_paths"] = [str(p) for p in json.loads(sim["sim.data_paths"])]
+        except (json.JSONDecodeError, TypeError):
+            raise ProtocolError("sim.data_paths is not a JSON list") from None
+    scale = config.get("secagg.scale")
+    return Request(
+        phase=phase,
+        spec=decode_settings(MixtureSpec, config, "model"),
+        fit=decode_settings(FitOptions, config, "fit"),
+        server=decode_settings(ServerOptions, config, "server"),
+        seed=seed,
+        posterior=posterior,
+        mapping=mapping,
+        sim_paths=sim or None,
+        secagg_scale=None if scale is None else float(scale),
+    )
+
+
+# -- replies ----------------------------------------------------------------------------------
+def names_hash(names) -> str | None:
+    if names is None:
+        return None
+    return hashlib.sha256(json.dumps(list(names)).encode()).hexdigest()[:16]
+
+
+def variable_hashes(names) -> list[str] | None:
+    """A short hash per variable name: enough for the server to say which variables differ
+    between sites without the site sending a header the run has not agreed on."""
+    if names is None:
+        return None
+    return [hashlib.sha256(str(n).encode()).hexdigest()[:10] for n in names]
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """A site's pre-flight answer: its schema, row count and policy; nothing else."""
+
+    site: int
+    n_rows: int
+    n_features: int
+    levels: tuple[int, ...]
+    names_hash: str | None
+    variable_hashes: tuple[str, ...] | None
+    has_missing: bool
+    policy: dict
+
+    def to_metrics(self) -> dict[str, Any]:
+        m = {
+            "schema.n_rows": self.n_rows,
+            "schema.n_features": self.n_features,
+            "schema.levels": json.dumps(list(self.levels)),
+            "schema.has_missing": self.has_missing,
+        }
+        if self.names_hash is not None:
+            m["schema.names_hash"] = self.names_hash
+            m["schema.variable_hashes"] = json.dumps(list(self.variable_hashes))
+        for k, v in self.policy.items():
+            if v is not None:
+                m[f"policy.{k}"] = v
+        return m
+
+    @classmethod
+    def from_metrics(cls, site: int, m: Mapping[str, Any]) -> Preflight:
+        try:
+            hashes = m.get("schema.variable_hashes")
+            return cls(
+                site=site,
+                n_rows=int(m["schema.n_rows"]),
+                n_features=int(m["schema.n_features"]),
+                levels=tuple(int(v) for v in json.loads(str(m["schema.levels"]))),
+                names_hash=m.get("schema.names_hash"),
+                variable_hashes=None if hashes is None else tuple(json.loads(str(hashes))),
+                has_missing=bool(m.get("schema.has_missing", False)),
+                policy={k[len("policy.") :]: v for k, v in m.items() if k.startswith("policy.")},
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ProtocolError(f"malformed pre-flight reply ({exc})") from None
+
+
+def reply_metrics(site: int, phase: Phase | str, seconds: float, **extra) -> dict[str, Any]:
+    """The scalars every reply carries: the protocol, the site, the phase, the seconds."""
+    out = {
+        K_PROTOCOL: PROTOCOL_VERSION,
+        K_SITE: int(site),
+        K_PHASE: Phase(phase).value,
+        K_SECONDS: float(seconds),
+    }
+    out.update({k: v for k, v in extra.items() if v is not None})
+    return out
+
+
+def reply_site(metrics: Mapping[str, Any]) -> int:
+    """The partition id a reply claims (checked against the pre-flight roster by the server)."""
+    if metrics.get(K_PROTOCOL) != PROTOCOL_VERSION or K_SITE not in metrics:
+        raise ProtocolError("the reply does not follow the fedvi protocol")
+    return int(metrics[K_SITE])
+
+
+# -- refinement and labels: fixed layouts (so that secure aggregation can sum them) ----------
+def refine_layout(spec: MixtureSpec) -> tuple[str, ...]:
+    """The statistics a refinement reply carries, in order: counts, sums, entropies and, for a
+    Bernoulli model that allows missing cells, observed counts. Same shapes at every site."""
+    base = ("counts", "sums", "entropy")
+    if spec.likelihood == "bernoulli" and spec.missing == "ignore":
+        return (*base, "observed")
+    return base
+
+
+def encode_refine(stats: Summaries) -> list[np.ndarray]:
+    out = []
+    for name in refine_layout(stats.spec):
+        if name == "observed":
+            out.append(np.asarray(stats.variable_observed(), dtype=np.float64))
+        else:
+            out.append(np.asarray(getattr(stats, name), dtype=np.float64))
+    return out
+
+
+def decode_refine(arrays, posterior: Summaries, n_rows: int) -> Summaries:
+    """A site's (or the securely summed) refinement statistics as a :class:`Summaries`."""
+    layout = refine_layout(posterior.spec)
+    if len(arrays) != len(layout):
+        raise ProtocolError(f"a refinement reply has {len(layout)} arrays, got {len(arrays)}")
+    a = dict(zip(layout, (np.asarray(x, dtype=np.float64) for x in arrays), strict=True))
+    G = posterior.n_clusters
+    try:
+        return dataclasses.replace(
+            posterior,
+            counts=a["counts"].reshape(G),
+            sums=a["sums"].reshape(posterior.sums.shape),
+            entropy=a["entropy"].reshape(G),
+            observed=a["observed"].reshape(G, -1) if "observed" in a else None,
+            n_rows=int(n_rows),
+        )
+    except ValueError as exc:
+        raise ProtocolError(f"refinement statistics of the wrong shape ({exc})") from None
+
+
+# -- errors -------------------------------------------------------------------------------
+_ERROR_PREFIX = "fedvi site error"
+_ERROR_RE = re.compile(rf"{_ERROR_PREFIX}: site (-?\d+), phase (\w+): (.*?)(?='>|\n|$)")
+
+
+def site_error_message(site: int | None, phase: str, reason: str) -> str:
+    """The text a site may send about a failure: site, phase and a reason built only from
+    fixed words, rule names and numbers the server already knows."""
+    sid = -1 if site is None else int(site)
+    return f"{_ERROR_PREFIX}: site {sid}, phase {phase}: {reason}"
+
+
+def parse_site_error(text: str) -> tuple[int | None, str | None, str]:
+    """``(site, phase, reason)`` of a site's error found in ``text`` (Flower wraps it), or
+    ``(None, None, text)`` when the text holds none (a node that died, a timeout)."""
+    found = list(_ERROR_RE.finditer(text))
+    if not found:
+        return None, None, text.strip()
+    m = found[-1]
+    site = int(m.group(1))
+    return (None if site < 0 else site), m.group(2), m.group(3).strip()
