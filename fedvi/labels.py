@@ -51,10 +51,10 @@ def refinement_stats(
     """A site's statistics per global cluster under the global posterior (sums only).
 
     With ``restrict`` (default), the site's rows are given only to global clusters that own at
-    least ``floor`` of them (arg-max): clusters below the floor are dropped and the local step
-    is redone until every remaining cluster owns ``floor`` rows, so no released statistic covers
-    fewer rows. The released statistics are those of a valid assignment of the site's rows, so
-    the pooled ELBO stays exact. Dropped clusters are released as zeros. (Under differential
+    least ``floor`` of them (arg-max) with a count of at least ``floor``: clusters below the
+    floor are dropped and the local step is redone until every remaining cluster meets it, so
+    no released statistic covers fewer rows. The released statistics are those of a valid
+    assignment of the site's rows, so the pooled ELBO stays exact. Dropped clusters are released as zeros. (Under differential
     privacy the floor is applied to the noisy counts instead: ``restrict=False``.)
     """
     problem = global_problem(data, posterior, options)
@@ -66,7 +66,7 @@ def refinement_stats(
         p = run_pass(problem, source, owned=restrict)
         if not restrict:
             break
-        low = p.owned < floor
+        low = (p.owned < floor) | (p.counts < (floor if floor > 1 else 0))
         if not low.any():
             break
         if low.all():

@@ -89,8 +89,16 @@ def run(problem: Problem, state: VIState, options: FitOptions, trace: FitTrace |
     return state, trace
 
 
-def prune(problem: Problem, state: VIState, min_owned: int, options: FitOptions, trace: FitTrace):
-    """Remove clusters that are the arg-max of fewer than ``min_owned`` rows, re-fit, repeat.
+def prune(
+    problem: Problem,
+    state: VIState,
+    min_owned: int,
+    options: FitOptions,
+    trace: FitTrace,
+    min_count: float = 0.0,
+):
+    """Remove clusters that are the arg-max of fewer than ``min_owned`` rows (or whose count
+    ``N_k`` is below ``min_count``), re-fit, repeat.
 
     Used to keep only clusters that own rows and, on a site, to hold back clusters below the
     disclosure floor (their rows go to the other clusters). A forced removal is not an
@@ -99,8 +107,8 @@ def prune(problem: Problem, state: VIState, min_owned: int, options: FitOptions,
     """
     plain = dataclasses.replace(options, moves="none")
     while state.n_clusters > 1:
-        owned = owned_rows(problem, state)
-        drop = owned < min_owned
+        owned = owned_rows(problem, state.source)
+        drop = (owned < min_owned) | (state.counts < min_count)
         if not drop.any():
             break
         if drop.all():

@@ -92,7 +92,7 @@ class MixtureVI:
         state = fit.state
         self.spec_ = fit.summaries.spec
         self.model_ = FittedModel(fit.summaries, info={"fitted_by": "MixtureVI"})
-        self.labels_ = labels_of(fit.problem, state)
+        self.labels_ = labels_of(fit.problem, state.source)
         self.n_clusters_ = state.n_clusters
         self.elbo_ = float(state.elbo)
         self.elbo_history_ = np.asarray(fit.trace.elbo_history)

@@ -3,6 +3,9 @@
 Binary: ``theta_kd ~ Beta(1, 5)``, ``x ~ Bernoulli(theta_z)``. Categorical:
 ``phi_kd ~ Dirichlet(1, 2, ..., L)``. Irrelevant variables share one ``theta_d`` across clusters
 and sit in the last columns.
+
+:func:`add_missing` blanks cells (NaN) completely at random or at a rate that depends on the
+true cluster, for studies of ignorable missing values.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 SPLITS = ("iid", "dirichlet", "exclusive")
+MISSING = ("mcar", "cluster")
+#: Highest per-cluster missing rate of the ``cluster`` mechanism.
+MAX_CLUSTER_RATE = 0.95
 
 
 @dataclass(frozen=True)
@@ -103,3 +109,67 @@ def split_sites(
         for k, b in owner.items():
             site[z == k] = b
     return [np.flatnonzero(site == b) for b in range(n_sites)]
+
+
+def missing_rates(z: np.ndarray, rate: float, mechanism: str = "mcar") -> np.ndarray:
+    """``(N,)`` probability that each cell of row ``n`` is missing under ``mechanism``.
+
+    ``mcar``: ``rate`` for every row. ``cluster``: with the distinct labels of ``z`` sorted
+    and ``k = 0..K-1`` a row's position among them, ``min(rate * 2 (k + 1) / (K + 1),
+    MAX_CLUSTER_RATE)``: the rates rise linearly from ``2 rate / (K + 1)`` (first cluster) to
+    ``2 rate K / (K + 1)`` (last) and their unweighted mean over the clusters is ``rate``
+    (before the cap), so the overall rate is ``rate`` for equal clusters and
+    ``sum_k w_k rate_k`` for cluster weights ``w``.
+    """
+    if mechanism not in MISSING:
+        raise ValueError(f"mechanism must be one of {MISSING}, got {mechanism!r}")
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"rate must be in [0, 1), got {rate}")
+    z = np.asarray(z)
+    if mechanism == "mcar":
+        return np.full(len(z), float(rate))
+    _, k = np.unique(z, return_inverse=True)
+    K = int(k.max()) + 1 if len(k) else 0
+    return np.minimum(rate * 2.0 * (k + 1) / (K + 1), MAX_CLUSTER_RATE)
+
+
+def add_missing(
+    X: np.ndarray,
+    z: np.ndarray | None,
+    rate: float,
+    mechanism: str = "mcar",
+    seed: int = 0,
+) -> np.ndarray:
+    """A float64 copy of the dense table ``X`` with NaN in the missing cells; ``X`` is kept.
+
+    Each cell of row ``n`` is missing independently with probability
+    ``missing_rates(z, rate, mechanism)[n]``: ``mcar``, missing completely at random, every
+    cell with probability ``rate``; ``cluster``, a rate that depends on the row's true cluster
+    ``z`` (see :func:`missing_rates`) and never on the cell's value, so the values are missing
+    at random given the cluster (the "ignorable" assumption of a mixture that skips missing
+    cells holds given ``z``). ``z`` is only needed for ``cluster``.
+
+    No row is left without an observed cell: in a row whose every cell would be missing, one
+    cell drawn uniformly among those this call blanked is observed again. This lowers the
+    missing fraction of ``mcar`` from ``rate`` to ``rate - rate**D / D`` in expectation
+    (``D`` columns; negligible unless ``D`` is small or ``rate`` near 1). Cells that were
+    already NaN in ``X`` stay NaN. Seeded by ``seed``.
+    """
+    out = np.array(X, dtype=np.float64, copy=True)
+    if out.ndim != 2:
+        raise ValueError(f"X must be a 2-d table, got shape {out.shape}")
+    if mechanism == "cluster" and z is None:
+        raise ValueError("mechanism 'cluster' needs the true clusters z")
+    if z is not None and len(z) != len(out):
+        raise ValueError(f"z has {len(z)} labels for {len(out)} rows")
+    p = missing_rates(np.zeros(len(out)) if z is None else z, rate, mechanism)
+    rng = np.random.default_rng(seed)
+    blank = (rng.random(out.shape) < p[:, None]) & ~np.isnan(out)
+    out[blank] = np.nan
+    empty = np.flatnonzero(np.isnan(out).all(axis=1) & blank.any(axis=1))
+    if len(empty):
+        # One blanked cell per such row, uniformly: the largest random key among its cells.
+        keys = np.where(blank[empty], rng.random((len(empty), out.shape[1])), -1.0)
+        cols = keys.argmax(axis=1)
+        out[empty, cols] = np.asarray(X, dtype=np.float64)[empty, cols]
+    return out

@@ -39,7 +39,7 @@ class SiteFit:
 
     def local_labels(self) -> np.ndarray:
         """``(N,)`` arg-max local cluster of each row (one pass over the table)."""
-        return labels_of(self.problem, self.state)
+        return labels_of(self.problem, self.state.source)
 
 
 def encode_site(X, spec: MixtureSpec, min_rows: int = 1, source: str | None = None):
@@ -61,16 +61,18 @@ def fit_site(
 ) -> SiteFit:
     """Fit MerDel on a site's rows and build the summaries it releases.
 
-    Clusters that own fewer than ``min_cluster_size`` rows (arg-max) are removed and their rows
-    re-assigned before anything is released (the disclosure floor), so every count that leaves
-    the site covers at least that many people; with missing cells, observed counts below the
-    floor are released as not observed. A site with fewer rows than the floor is refused.
+    Clusters that own fewer than ``min_cluster_size`` rows (arg-max), or whose count ``N_k`` is
+    lower, are removed and their rows re-assigned before anything is released (the disclosure
+    floor), so every count that leaves the site covers at least that many people; with missing
+    cells, observed counts below the floor are released as not observed. A site with fewer rows than the floor is refused.
     """
     options = options or FitOptions()
     floor = int(min_cluster_size)
     data, spec = encode_site(X, spec, min_rows=max(2, floor), source=source)
     problem = Problem.build(data, spec, options=options)
     state, trace = fit_problem(problem, options, seed, warn_label=f"the fit of {source or 'X'}")
-    state, trace = prune(problem, state, max(1, floor), options, trace)
+    # A disclosure floor (> 1) holds back clusters that own fewer rows or whose count is lower.
+    min_count = floor if floor > 1 else 0.0
+    state, trace = prune(problem, state, max(1, floor), options, trace, min_count)
     state = order_by_size(state)
     return SiteFit(apply_floor(state.stats, floor), problem, state, trace)

@@ -400,11 +400,11 @@ def initial_state(problem: Problem, labels: np.ndarray, n_components: int) -> VI
     return finish(problem, p, relevance, np.arange(n_components), source)
 
 
-def owned_rows(problem: Problem, state: VIState) -> np.ndarray:
+def owned_rows(problem: Problem, source: Source) -> np.ndarray:
     """``(K,)`` rows whose most probable cluster is each cluster (one pass)."""
-    return run_pass(problem, state.source, stats=False, owned=True).owned
+    return run_pass(problem, source, stats=False, owned=True).owned
 
 
-def labels_of(problem: Problem, state: VIState) -> np.ndarray:
+def labels_of(problem: Problem, source: Source) -> np.ndarray:
     """``(N,)`` most probable cluster of each row (one pass)."""
-    return run_pass(problem, state.source, stats=False, labels=True).labels
+    return run_pass(problem, source, stats=False, labels=True).labels

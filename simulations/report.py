@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.compare import COLUMNS, markdown_table, write_table
+from simulations.tables import COLUMNS, markdown_table, write_table
 
 try:  # Hydra calls every hook of a callback: inherit the no-op ones when Hydra is there.
     from hydra.experimental.callback import Callback as _Callback
@@ -151,7 +151,7 @@ def run_rows(run_dir: str, root: str) -> list[dict[str, Any]]:
     else:
         with open(os.path.join(run_dir, "results.json")) as fh:
             res = json.load(fh)
-        from simulations.compare import flower_row
+        from simulations.comparators import flower_row
 
         n_sites = len(res.get("sites") or {}) or None
         rows = [flower_row(res, res.get("n_rows"), n_sites).row()]

@@ -437,6 +437,8 @@ class FedMerDel(Strategy):
             if site is None and phase is not Phase.PREFLIGHT:
                 continue  # named below, as a site that did not answer
             if site is not None:
+                if site in failed_sites:
+                    continue  # SecAgg+ reports one site's error twice
                 failed_sites.add(site)
             self._fail(phase, site, node, reason)
         seen_nodes = {}
@@ -655,7 +657,7 @@ class FedMerDel(Strategy):
         post = self.posterior
         if self.options.secure_aggregation:
             _, arrays, metrics, _ = next(iter(answers.values()))
-            summed = secagg.decode_limbs(arrays, self.secagg_scale(), len(answers))
+            summed = secagg.decode_limbs(arrays, len(answers), self.secagg_scale())
             n_rows = sum(self.result.sites[s].n_rows for s in answers)
             stats = [decode_refine(summed, post, n_rows)]
         else:
@@ -687,7 +689,7 @@ class FedMerDel(Strategy):
         G = self.posterior.n_clusters
         if self.options.secure_aggregation and answers:
             _, arrays, _, _ = next(iter(answers.values()))
-            total = secagg.decode_limbs(arrays, self.secagg_scale(), len(answers))[0]
+            total = secagg.decode_limbs(arrays, len(answers), self.secagg_scale())[0]
             self.result.privacy["label_counts_total"] = np.rint(total).astype(np.int64).tolist()
             for site in answers:
                 self.result.sites[site].counts = None

@@ -89,7 +89,7 @@ class PhaseFitWorkflow:
         if self.strategy.secure_round(rnd):
             SecAggPlusWorkflow(
                 num_shares=1.0,
-                reconstruction_threshold=0.5,
+                reconstruction_threshold=0.67,
                 max_weight=secagg.MAX_WEIGHT,
                 clipping_range=secagg.CLIPPING_RANGE,
                 quantization_range=secagg.QUANTIZATION_RANGE,

@@ -10,6 +10,14 @@ import pytest
 
 pytest.importorskip("flwr")
 
+from flower_local import (  # noqa: E402
+    LocalProxy,
+    make_strategy,
+    proxies_for,
+    run_protocol,
+    site_client,
+    write_sites,
+)
 from flwr.common import Code, FitRes, Parameters, Status  # noqa: E402
 from flwr.server.client_manager import SimpleClientManager  # noqa: E402
 
@@ -21,14 +29,6 @@ from fedvi.simulate import simulate, split_sites  # noqa: E402
 from strategies.fedmerdel import SiteFailureError, SiteIdentityError  # noqa: E402
 from strategies.options import StrategyOptions  # noqa: E402
 from strategies.outputs import write_outputs  # noqa: E402
-from flower_local import (  # noqa: E402
-    LocalProxy,
-    make_strategy,
-    proxies_for,
-    run_protocol,
-    site_client,
-    write_sites,
-)
 
 
 def sites(likelihood="bernoulli", n_sites=3, seed=0, **kw):

@@ -1,31 +1,42 @@
-"""What a site sends holds no rows: the NumPyClient's ``fit`` called directly (SPEC §5)."""
+"""What a site sends holds no rows: the site client's ``fit`` called directly with the rounds
+the strategy sends (the protocol of :mod:`fedvi.protocol`)."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 
 pytest.importorskip("flwr")
 
+from flower_local import site_client  # noqa: E402
+
 import fedvi  # noqa: E402
-from fedvi.federated import site_seed  # noqa: E402
-from fedvi.flower_client import FedviClient, posterior_config  # noqa: E402
+from fedvi.federated import shared_spec  # noqa: E402
 from fedvi.io import read_labels  # noqa: E402
+from fedvi.options import FitOptions, ServerOptions  # noqa: E402
+from fedvi.protocol import decode_summaries, encode_request  # noqa: E402
 from fedvi.simulate import simulate  # noqa: E402
-from strategies.fedmerdel import FedMerDel  # noqa: E402
-
-MODEL = {"likelihood": "bernoulli", "n_levels": None, "alpha0": 0.01, "beta": None}
 
 
-def _site(tmp_path, X, pid=0) -> tuple[FedviClient, dict]:
+def _site(tmp_path, X, pid=0):
     path = tmp_path / f"site{pid}.npy"
     np.save(path, X)
-    strategy = FedMerDel(n_sites=1, model=MODEL, n_components=8, seed=5, output_dir=str(tmp_path))
-    config = strategy.base_config("local")
-    config["data_paths"] = json.dumps([str(path)] * (pid + 1))
-    return FedviClient({"partition-id": pid}, state=None), config
+    client = site_client(pid)
+    sim = {"sim.data_paths": [str(path)] * (pid + 1), "sim.output_dir": str(tmp_path)}
+    return client, sim
+
+
+def _ask(client, phase, spec, sim, posterior=None, server=None):
+    arrays, config = encode_request(
+        phase,
+        spec,
+        FitOptions(),
+        server or ServerOptions(),
+        5,
+        posterior=posterior,
+        sim_paths=sim,
+    )
+    return client.fit(arrays, config)
 
 
 def _well_separated(n_rows: int, seed: int = 0) -> np.ndarray:
@@ -39,39 +50,32 @@ def _well_separated(n_rows: int, seed: int = 0) -> np.ndarray:
 
 def test_uplink_is_exactly_the_summaries(tmp_path):
     X = simulate(500, 3, 25, seed=1).X
-    client, config = _site(tmp_path, X, pid=2)
-    arrays, n, metrics = client.fit([], config)
-    spec = fedvi.shared_spec([X], "bernoulli")
-    ref = fedvi.fit_site(X, spec, 8, seed=site_seed(5, 2), options=fedvi.FitOptions())
+    client, sim = _site(tmp_path, X, pid=2)
+    spec, _ = shared_spec([X], fedvi.MixtureSpec(n_components=8))
+    arrays, n, metrics = _ask(client, "local", spec, sim)
+    ref = fedvi.fit_site(X, spec, seed=5 + 2)
     expected = ref.summaries.to_arrays()
-    assert n == 500
-    assert len(arrays) == len(expected)
+    assert n == 500 and len(arrays) == len(expected)
     for a, e in zip(arrays, expected, strict=True):
         np.testing.assert_array_equal(a, e)
-    # Metrics: the summaries' metadata plus scalars (timings, ids); nothing per row.
-    for key, value in ref.summaries.metadata().items():
-        assert metrics[key] == value
+    got = decode_summaries(arrays, metrics, "summaries")
+    assert got.spec == ref.summaries.spec and got.n_rows == 500
+    # Metrics: scalars only; nothing per row.
     assert all(isinstance(v, (bool, int, float, str)) for v in metrics.values())
-    assert set(metrics) - set(ref.summaries.metadata()) <= {
-        "partition_id",
-        "phase",
-        "seconds",
-        "load_seconds",
-        "n_clusters",
-        "n_iter",
-    }
+    assert metrics["fedvi.site"] == 2 and metrics["fedvi.phase"] == "local"
 
 
 def test_uplink_size_does_not_depend_on_rows(tmp_path):
     small, big = _well_separated(300), _well_separated(3000, seed=1)
+    spec, _ = shared_spec([small], fedvi.MixtureSpec(n_components=8))
     out = []
     for X in (small, big):
-        client, config = _site(tmp_path, X)
-        arrays, n, metrics = client.fit([], config)
+        client, sim = _site(tmp_path, X)
+        arrays, n, metrics = _ask(client, "local", spec, sim)
         assert n == len(X)
         out.append((arrays, metrics))
     (a_small, m_small), (a_big, m_big) = out
-    assert m_small["n_clusters"] == m_big["n_clusters"] == 3
+    assert m_small["fit.n_clusters"] == m_big["fit.n_clusters"] == 3
     assert [a.shape for a in a_small] == [a.shape for a in a_big]
     assert sum(a.nbytes for a in a_small) == sum(a.nbytes for a in a_big)
     assert all(len(a) != len(big) for a in a_big)
@@ -79,32 +83,19 @@ def test_uplink_size_does_not_depend_on_rows(tmp_path):
 
 def test_label_phase_writes_rows_locally_and_sends_counts(tmp_path):
     X = _well_separated(400)
-    client, config = _site(tmp_path, X)
-    arrays, _, metrics = client.fit([], config)
-    post = fedvi.global_merge([fedvi.Summaries.from_arrays(arrays, metrics)]).posterior
-    label_config = {
-        **config,
-        "phase": "label",
-        "label_mode": "posterior",
-        "min_cluster_size": 150,
-        **posterior_config(post),
-    }
-    counts, n, label_metrics = client.fit(post.to_arrays(), label_config)
+    client, sim = _site(tmp_path, X)
+    spec, _ = shared_spec([X], fedvi.MixtureSpec(n_components=8))
+    arrays, _, metrics = _ask(client, "local", spec, sim)
+    post = fedvi.global_merge([decode_summaries(arrays, metrics, "summaries")]).posterior
+    (counts,), n, label_metrics = _ask(
+        client, "label", post.spec, sim, posterior=post, server=ServerOptions(min_cluster_size=150)
+    )
     labels = read_labels(tmp_path / "labels_site0.csv")
-    assert len(counts) == 1 and counts[0].shape == (post.n_clusters,)
-    np.testing.assert_array_equal(labels, fedvi.label_rows(fedvi.encode(X, "bernoulli"), post))
+    assert counts.shape == (post.n_clusters,)
+    np.testing.assert_array_equal(labels, fedvi.label_rows(fedvi.encode(X, post.spec), post))
     true_counts = np.bincount(labels, minlength=post.n_clusters)
-    shown = counts[0]
-    # Counts under the disclosure threshold are suppressed (-1), the others are exact.
-    np.testing.assert_array_equal(shown[true_counts >= 150], true_counts[true_counts >= 150])
-    assert (shown[(true_counts > 0) & (true_counts < 150)] == -1).all()
-    assert label_metrics["labels_path"].endswith("labels_site0.csv")
-
-
-def test_unreadable_file_names_site_and_file(tmp_path):
-    client, config = _site(tmp_path, _well_separated(50))
-    bad = tmp_path / "broken.csv"
-    bad.write_text("a,b,c\n0,1,0\n1,yes,0\n")
-    config["data_paths"] = json.dumps([str(bad)])
-    with pytest.raises(RuntimeError, match=r"site 0 .*broken\.csv.*row 2.*'b'.*'yes'"):
-        client.fit([], config)
+    # Counts under the disclosure floor are suppressed (-1), the others are exact.
+    big = true_counts >= 150
+    np.testing.assert_array_equal(counts[big], true_counts[big])
+    assert (counts[(true_counts > 0) & ~big] == -1).all()
+    assert label_metrics["label.n_suppressed"] == int(((true_counts > 0) & ~big).sum())

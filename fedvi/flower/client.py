@@ -178,7 +178,8 @@ class FedviClient(NumPyClient):
                 Phase.REFINE: self._refine,
                 Phase.LABEL: self._label,
             }[req.phase]
-            arrays, n, extra = handler(req, bool(config.get(K_SECAGG, False)))
+            secure = bool(config.get(K_SECAGG, False))
+            arrays, n, extra = handler(req, secure)
         except Exception as exc:  # nothing but a safe reason leaves the site
             log(ERROR, "%s, phase %s failed", self.name, phase, exc_info=exc)
             raise SiteError(
@@ -186,6 +187,10 @@ class FedviClient(NumPyClient):
             ) from None
         seconds = time.perf_counter() - t0
         log(INFO, "%s: phase %s, %d rows, %.2f s", self.name, phase, n, seconds)
+        if secure and req.phase in (Phase.REFINE, Phase.LABEL):
+            # SecAgg+ weighs each site by num_examples / max_weight: 1 makes the average times
+            # the number of sites the sum, and keeps the site's size out of the unmasked field.
+            n = secagg.NUM_EXAMPLES
         return arrays, int(n), reply_metrics(self.partition_id, phase, seconds, **extra)
 
     # --- phases -------------------------------------------------------------------------------

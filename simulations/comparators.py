@@ -1,10 +1,9 @@
 """Comparators run on the same data, in the same command, as the Flower federation.
 
-``run_comparators(cfg, sites, truth, results, run_dir)`` is called at the end of
-``simulations.run`` when ``cfg.comparators`` is set (a list of names below, or ``all``). It
-fits each comparator on the run's own site tables, scores everything against the known labels
-and writes ``comparison.csv``, ``comparison.md``, ``comparison.json`` and figures into the run
-directory. Methods:
+:func:`compare` fits each comparator named by ``cfg.comparators`` (a list of the names below,
+or ``all``) on the run's own site tables and scores it against the known labels; one
+:class:`MethodResult` per method. The table, provenance and figures are written by
+:func:`simulations.tables.run_comparators`. Methods:
 
 - ``fedmerdel``: the Flower run itself (taken from ``results``; ARI/NMI/K/uplink/wall-clock).
 - ``fedmerdel_core``: :func:`fedvi.federated_fit` in-process on the same sites and options:
@@ -14,8 +13,17 @@ directory. Methods:
 - ``merdel_central``: :class:`fedvi.MixtureVI` on the pooled rows (what pooling would give).
 - ``stepmix``: latent class analysis by EM with the true K on the pooled rows (PyPI
   ``stepmix``, binary or categorical measurement model).
+- ``stepmix_nan``: the same with StepMix's missing-value measurement models (``binary_nan``,
+  ``categorical_nan``: full-information maximum likelihood, a row's likelihood is the product
+  over its observed cells), on the pooled rows with their NaN cells; see
+  :func:`fit_stepmix_nan`.
 - ``kmodes``: k-modes (Huang init) with the true K on the pooled rows (PyPI ``kmodes``).
 - ``kfed``: a k-FED-style one-shot federated clustering; see :func:`fit_kfed`.
+
+Missing values are NaN cells of the site tables (float arrays). When the data hold any,
+``stepmix``, ``kmodes`` and ``kfed``, which have no missing-value model, are reported as
+``skipped: data have missing values (...)``; without any, ``stepmix_nan`` is reported as
+``skipped: no missing values``.
 
 Comparators that need the true K use the number of distinct known labels (or
 ``data.n_clusters``). A comparator whose package is not installed is reported as
@@ -28,48 +36,45 @@ Options per comparator come from ``cfg.comparator_options.<name>`` (e.g.
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from fedvi.metrics import adjusted_rand_index, contingency, normalized_mutual_info
+from fedvi.metrics import adjusted_rand_index, normalized_mutual_info
 
 log = logging.getLogger("fedvi")
 
 #: Every comparator, in table order (``fedmerdel`` is the Flower run itself).
-METHODS = ("fedmerdel", "fedmerdel_core", "merdel_central", "stepmix", "kmodes", "kfed")
+METHODS = (
+    "fedmerdel",
+    "fedmerdel_core",
+    "merdel_central",
+    "stepmix",
+    "stepmix_nan",
+    "kmodes",
+    "kfed",
+)
 #: Methods that never pool rows; their uplink bytes are reported.
 FEDERATED = ("fedmerdel", "fedmerdel_core", "fedmerdel_plain", "kfed")
 #: With a variable-selection model, each MerDel fit is also run without selection, next to it.
 PLAIN = {"fedmerdel_core": "fedmerdel_plain", "merdel_central": "merdel_central_plain"}
 #: Methods given the true number of clusters.
-NEEDS_K = ("stepmix", "kmodes", "kfed")
-#: Table columns (``comparison.csv``).
-COLUMNS = (
-    "method",
-    "federated",
-    "status",
-    "k_true",
-    "k_found",
-    "ari",
-    "nmi",
-    "wall_s",
-    "uplink_bytes",
-    "n_rows",
-    "n_sites",
-    "note",
-)
+NEEDS_K = ("stepmix", "stepmix_nan", "kmodes", "kfed")
+#: Methods without a missing-value model -> why they are skipped when the data hold NaN.
+NO_MISSING = {
+    "stepmix": "use stepmix_nan",
+    "kmodes": "k-modes has no missing-value model",
+    "kfed": "k-means has no missing-value model",
+}
+#: Methods only for data with missing values (skipped when there are none).
+ONLY_MISSING = ("stepmix_nan",)
 INSTALL_HINT = "pip install 'fedvi[experiments]'"
 
 
@@ -99,10 +104,10 @@ class MethodResult:
         return self.method in FEDERATED
 
     def row(self) -> dict[str, Any]:
-        """The table row: plain Python values, ``None`` where not applicable."""
+        """The table row: plain Python values, ``None`` where not applicable; ``method``,
+        ``federated``, then the other fields in order (``simulations.tables.COLUMNS``)."""
         d = {k: v for k, v in asdict(self).items() if k != "labels"}
-        d["federated"] = self.federated
-        return {k: d[k] for k in COLUMNS}
+        return {"method": d.pop("method"), "federated": self.federated, **d}
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -144,18 +149,40 @@ def method_names(spec: Any) -> list[str]:
 
 
 def pooled(sites: Sequence[Any]) -> np.ndarray:
-    """The sites' rows stacked in site order, dense (comparators need dense input)."""
+    """The sites' rows stacked in site order, dense (comparators need dense input).
+
+    NaN cells (missing values) are kept; a mix of integer and float sites comes out float."""
     blocks = [x.toarray() if sp.issparse(x) else np.asarray(x) for x in sites]
     return np.vstack(blocks)
 
 
+def missing_mask(X: np.ndarray) -> np.ndarray | None:
+    """``(N, D)`` True where a cell is missing (NaN); ``None`` for a table that cannot hold NaN
+    (integer) or holds none."""
+    if X.dtype.kind not in "fc":
+        return None
+    mask = np.isnan(X)
+    return mask if mask.any() else None
+
+
+def levels_of(X: np.ndarray) -> list[int]:
+    """Levels of each categorical column: its largest observed code + 1 (NaN ignored)."""
+    return [max(int(v) + 1, 1) for v in np.nan_to_num(X, nan=0).max(axis=0)]
+
+
 def one_hot(X: np.ndarray, likelihood: str, n_levels: Sequence[int] | None = None) -> np.ndarray:
-    """Binary data as is (float); categorical codes as one-hot blocks ``(N, sum L_d)``."""
+    """Binary data as is (float); categorical codes as one-hot blocks ``(N, sum L_d)``.
+
+    A missing (NaN) cell stays NaN: binary, the cell itself; categorical, its whole block."""
     if likelihood == "bernoulli":
         return X.astype(np.float64)
-    levels = n_levels if n_levels is not None else X.max(axis=0) + 1
+    levels = n_levels if n_levels is not None else levels_of(X)
     blocks = [(X[:, d, None] == np.arange(L)[None, :]) for d, L in enumerate(levels)]
-    return np.hstack(blocks).astype(np.float64)
+    E = np.hstack(blocks).astype(np.float64)
+    miss = missing_mask(X)
+    if miss is not None:
+        E[np.repeat(miss, levels, axis=1)] = np.nan
+    return E
 
 
 def n_found(labels: np.ndarray) -> int:
@@ -190,6 +217,12 @@ class Problem:
     def options(self, name: str) -> dict[str, Any]:
         return dict(_plain(_get(self.cfg, f"comparator_options.{name}", {})) or {})
 
+    @cached_property
+    def missing_fraction(self) -> float:
+        """Fraction of the pooled cells that are missing (NaN); 0.0 when none are."""
+        miss = missing_mask(self.X)
+        return 0.0 if miss is None else float(miss.mean())
+
 
 def with_plain(names: Sequence[str], cfg: Any) -> list[str]:
     """``names`` plus, when the model selects variables, the same MerDel fits without
@@ -204,43 +237,37 @@ def with_plain(names: Sequence[str], cfg: Any) -> list[str]:
     return out
 
 
-def _model_kwargs(cfg: Any, variable_selection: bool | None = None) -> dict[str, Any]:
-    """``fedvi`` model options shared by the core-based comparators (from ``cfg.model``);
-    ``variable_selection`` overrides the config's."""
-    m = _get(cfg, "model", {}) or {}
-    kw = {
-        "likelihood": str(_get(m, "likelihood", "bernoulli")),
-        "n_components": int(_get(m, "n_components", 20)),
-        "alpha0": float(_get(m, "alpha0", 0.01)),
-        "beta": _get(m, "beta", None),
-        "n_levels": _plain(_get(m, "n_levels", None)),
-        "variable_selection": bool(_get(m, "variable_selection", False)),
-        "relevance_prior": tuple(_plain(_get(m, "relevance_prior", (2.0, 2.0)))),
-        "moves": str(_get(m, "moves", "merdel")),
-        "move_every": int(_get(m, "move_every", 5)),
-        "max_iter": int(_get(m, "max_iter", 1000)),
-        "tol": float(_get(m, "tol", 1e-8)),
-    }
+def run_settings(cfg: Any, variable_selection: bool | None = None):
+    """The run's settings (the same dataclasses the Flower run uses, from the same config);
+    ``variable_selection`` overrides the model's. Nothing is re-typed here: a new setting
+    reaches the core comparators as it reaches the sites."""
+    import dataclasses
+
+    from strategies.config import RunSettings
+
+    s = RunSettings.from_cfg(cfg)
     if variable_selection is not None:
-        kw["variable_selection"] = bool(variable_selection)
-    return kw
+        s = dataclasses.replace(
+            s, spec=dataclasses.replace(s.spec, variable_selection=bool(variable_selection))
+        )
+    return s
 
 
 def fit_fedmerdel_core(p: Problem, variable_selection: bool | None = None):
-    """:func:`fedvi.federated_fit` with the run's model and strategy options."""
+    """:func:`fedvi.federated_fit` with the run's model, fit, server and site settings."""
     import fedvi
+    from fedvi.settings import as_dict
 
-    s = _get(p.cfg, "strategy", {}) or {}
+    s = run_settings(p.cfg, variable_selection)
     res = fedvi.federated_fit(
         p.sites,
-        **_model_kwargs(p.cfg, variable_selection),
-        merge=str(_get(s, "merge", "best_first")),
-        labels=str(_get(s, "labels", "posterior")),
-        refine_rounds=int(_get(s, "refine_rounds", 0)),
-        min_cluster_size=int(_get(s, "min_cluster_size", 5)),
         seed=p.seed,
+        policy=s.site,
+        **as_dict(s.spec),
+        **as_dict(s.fit),
+        **as_dict(s.server),
     )
-    note = f"K_init {_model_kwargs(p.cfg)['n_components']}/site"
+    note = f"K_init {s.spec.n_components}/site"
     if res.variable_relevance is not None:
         note += f"; {int((res.variable_relevance > 0.5).sum())} variables selected"
     return np.concatenate(res.labels), res.n_clusters, int(sum(res.uplink_bytes)), note
@@ -249,25 +276,36 @@ def fit_fedmerdel_core(p: Problem, variable_selection: bool | None = None):
 def fit_merdel_central(p: Problem, variable_selection: bool | None = None):
     """:class:`fedvi.MixtureVI` (MerDel) on the pooled rows: the centralised reference."""
     import fedvi
+    from fedvi.settings import as_dict
 
-    kw = _model_kwargs(p.cfg, variable_selection)
-    m = fedvi.MixtureVI(**kw, seed=p.seed).fit(p.X)
-    note = f"K_init {kw['n_components']}"
-    if kw["variable_selection"]:
+    s = run_settings(p.cfg, variable_selection)
+    m = fedvi.MixtureVI(**as_dict(s.spec), **as_dict(s.fit), seed=p.seed).fit(p.X)
+    note = f"K_init {s.spec.n_components}"
+    if s.spec.variable_selection:
         note += f"; {int((m.variable_relevance_ > 0.5).sum())} variables selected"
     return m.labels_, m.n_clusters_, None, note
 
 
-def fit_stepmix(p: Problem):
-    """Latent class analysis (EM) with the true K (``stepmix.StepMix``) on the pooled rows."""
+def _stepmix(p: Problem, measurement: str, name: str):
+    """StepMix (latent class analysis by EM) with the true K on ``p.X``, options from
+    ``comparator_options.<name>``; returns its labels and a note."""
     try:
         from stepmix.stepmix import StepMix
     except ImportError as err:
         raise MissingComparator("stepmix") from err
-    opts = {"n_init": 1, "max_iter": 1000, "abs_tol": 1e-10, **p.options("stepmix")}
+    opts = {"n_init": 1, "max_iter": 1000, "abs_tol": 1e-10, **p.options(name)}
+    if p.likelihood != "bernoulli" and p.n_levels is not None:
+        # StepMix one-hot encodes the integer codes itself, max_n_outcomes columns a variable,
+        # inferring the sizes from the data unless told: tell it the model's levels.
+        levels = [int(v) for v in p.n_levels]
+        opts["measurement_params"] = {
+            "max_n_outcomes": max(levels),
+            "total_outcomes": sum(levels),
+            **(opts.get("measurement_params") or {}),
+        }
     model = StepMix(
         n_components=int(p.k_true),
-        measurement="binary" if p.likelihood == "bernoulli" else "categorical",
+        measurement=measurement,
         random_state=p.seed,
         verbose=0,
         progress_bar=0,
@@ -279,7 +317,29 @@ def fit_stepmix(p: Problem):
     note = f"true K; {getattr(model, 'n_iter_', '?')} EM iterations"
     if conv is False:
         note += " (max_iter reached)"
+    return labels, note
+
+
+def fit_stepmix(p: Problem):
+    """Latent class analysis (EM) with the true K (``stepmix.StepMix``) on the pooled rows."""
+    measurement = "binary" if p.likelihood == "bernoulli" else "categorical"
+    labels, note = _stepmix(p, measurement, "stepmix")
     return labels, None, None, note
+
+
+def fit_stepmix_nan(p: Problem):
+    """StepMix's missing-value latent class model with the true K on the pooled rows.
+
+    Measurement ``binary_nan`` (Bernoulli) or ``categorical_nan`` (categorical, 0-based integer
+    codes, one-hot encoded by StepMix with a NaN block for a missing cell). Both are
+    full-information maximum likelihood under ignorable missingness: a row's likelihood is the
+    product over its observed cells only, and each M-step frequency is taken over the rows
+    that observe the variable, the model ``fedvi``'s ``missing="ignore"`` fits by VI. NaN cells
+    go to StepMix as they are (it validates with ``allow-nan``).
+    """
+    measurement = "binary_nan" if p.likelihood == "bernoulli" else "categorical_nan"
+    labels, note = _stepmix(p, measurement, "stepmix_nan")
+    return labels, None, None, f"{note}; {p.missing_fraction:.1%} of cells missing"
 
 
 def fit_kmodes(p: Problem):
@@ -350,6 +410,7 @@ FITTERS: dict[str, Callable[[Problem], tuple]] = {
     "fedmerdel_plain": partial(fit_fedmerdel_core, variable_selection=False),
     "merdel_central_plain": partial(fit_merdel_central, variable_selection=False),
     "stepmix": fit_stepmix,
+    "stepmix_nan": fit_stepmix_nan,
     "kmodes": fit_kmodes,
     "kfed": fit_kfed,
 }
@@ -379,6 +440,12 @@ def run_method(name: str, p: Problem, truth: np.ndarray | None) -> MethodResult:
     r = MethodResult(name, k_true=p.k_true, n_rows=len(p.X), n_sites=len(p.sites))
     if name in NEEDS_K and p.k_true is None:
         r.status = "skipped: needs the true K (no known labels, no data.n_clusters)"
+        return r
+    if name in NO_MISSING and p.missing_fraction > 0:
+        r.status = f"skipped: data have missing values ({NO_MISSING[name]})"
+        return r
+    if name in ONLY_MISSING and p.missing_fraction == 0:
+        r.status = "skipped: no missing values"
         return r
     t = time.perf_counter()
     try:
@@ -418,7 +485,7 @@ def compare(
     likelihood = str(_get(cfg, "model.likelihood", "bernoulli"))
     n_levels = _plain(_get(cfg, "model.n_levels", None))
     if likelihood == "categorical" and n_levels is None:
-        n_levels = [int(v) for v in X.max(axis=0) + 1]
+        n_levels = levels_of(X)
     p = Problem(
         sites,
         X,
@@ -428,6 +495,8 @@ def compare(
         int(_get(cfg, "seed", 0)),
         cfg,
     )
+    if p.missing_fraction:
+        log.info("comparators: %.1f%% of the cells are missing", 100 * p.missing_fraction)
     out = []
     for name in names:
         if name == "fedmerdel":
@@ -464,199 +533,3 @@ def _fmt(v: Any, digits: int = 4) -> str:
     if isinstance(v, float):
         return "nan" if np.isnan(v) else f"{v:.{digits}f}"
     return str(v)
-
-
-# -- outputs ----------------------------------------------------------------------------------
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] = COLUMNS) -> str:
-    """A GitHub Markdown table of ``rows`` (floats to 4 places, ``-`` for missing)."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    for row in rows:
-        cells = []
-        for c in columns:
-            v = row.get(c)
-            cells.append(_fmt(v, 2 if c.endswith("_s") else 4).replace("|", "/"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str, stem: str = "comparison") -> list:
-    """``<stem>.csv`` and ``<stem>.md`` in ``out_dir``; returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    columns = list(rows[0].keys()) if rows else list(COLUMNS)
-    csv_path = os.path.join(out_dir, f"{stem}.csv")
-    with open(csv_path, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=columns)
-        w.writeheader()
-        for row in rows:
-            w.writerow({c: "" if row.get(c) is None else row.get(c) for c in columns})
-    md_path = os.path.join(out_dir, f"{stem}.md")
-    with open(md_path, "w") as fh:
-        fh.write(markdown_table(rows, columns))
-    return [csv_path, md_path]
-
-
-def git_state() -> dict[str, Any] | None:
-    """Commit of the code that made the numbers and whether the work tree differed from it."""
-    import subprocess
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return {"commit": commit or None, "modified_files": dirty.splitlines()}
-
-
-def provenance(cfg: Any) -> dict[str, Any]:
-    """Where the numbers come from: config, seed, command line and package versions."""
-    versions = {"python": platform.python_version()}
-    for mod in ("numpy", "scipy", "sklearn", "stepmix", "kmodes", "mlxtend", "flwr", "fedvi"):
-        try:
-            versions[mod] = str(__import__(mod).__version__)
-        except Exception:  # noqa: BLE001 - a missing package is information here
-            versions[mod] = None
-    return {
-        "seed": _get(cfg, "seed", 0),
-        "argv": list(sys.argv),
-        "git": git_state(),
-        "config": json.loads(json.dumps(_plain(cfg), default=str)),
-        "versions": versions,
-    }
-
-
-def matched_order(truth: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Cluster ids of ``labels`` ordered to line up with the true clusters (Hungarian match
-    on the contingency table, then unmatched clusters by size)."""
-    from scipy.optimize import linear_sum_assignment
-
-    l_ids, l_inv = np.unique(labels, return_inverse=True)
-    table = contingency(truth, labels)
-    rows, cols = linear_sum_assignment(-table)
-    order = [int(c) for _, c in sorted(zip(rows, cols, strict=True))]
-    sizes = np.bincount(l_inv, minlength=len(l_ids))
-    rest = [int(c) for c in np.argsort(-sizes, kind="stable") if c not in set(order)]
-    return l_ids[order + rest]
-
-
-def profiles(E: np.ndarray, labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """``(len(ids), P)`` mean of the encoded rows of each cluster in ``ids``."""
-    return np.vstack([E[labels == i].mean(axis=0) for i in ids])
-
-
-def write_figures(
-    results: Sequence[MethodResult],
-    X: np.ndarray,
-    truth: np.ndarray | None,
-    likelihood: str,
-    n_levels: Sequence[int] | None,
-    out_dir: str,
-) -> list[str]:
-    """Per-run figures: ARI/NMI per method, K found vs truth, wall-clock, profile heat-maps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ok = [r for r in results if r.status == "ok"]
-    paths = []
-    if not ok:
-        return paths
-    names = [r.method for r in ok]
-    x = np.arange(len(ok))
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    ari = [np.nan if r.ari is None else r.ari for r in ok]
-    nmi = [np.nan if r.nmi is None else r.nmi for r in ok]
-    axes[0].bar(x - 0.2, ari, 0.4, label="ARI")
-    axes[0].bar(x + 0.2, nmi, 0.4, label="NMI")
-    axes[0].set_ylim(min(0.0, np.nanmin(ari + nmi + [0.0])), 1.0)
-    axes[0].set_title("agreement with the known labels")
-    axes[0].legend()
-    kf = [np.nan if r.k_found is None else r.k_found for r in ok]
-    axes[1].bar(x, kf, color="C2")
-    kt = next((r.k_true for r in ok if r.k_true is not None), None)
-    if kt is not None:
-        axes[1].axhline(kt, color="k", ls="--", lw=1, label=f"true K = {kt}")
-        axes[1].legend()
-    axes[1].set_title("clusters found")
-    wall = [np.nan if r.wall_s is None else r.wall_s for r in ok]
-    axes[2].bar(x, wall, color="C3")
-    axes[2].set_yscale("log")
-    axes[2].set_title("wall-clock (s)")
-    for ax in axes:
-        ax.set_xticks(x, names, rotation=30, ha="right")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "comparison.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
-
-    with_labels = [r for r in ok if r.labels is not None]
-    if truth is not None and with_labels:
-        E = one_hot(X, likelihood, n_levels)
-        panels = [("truth", profiles(E, truth, np.unique(truth)))]
-        for r in with_labels:
-            panels.append((r.method, profiles(E, r.labels, matched_order(truth, r.labels))))
-        height = sum(len(pr) for _, pr in panels)
-        fig, axes = plt.subplots(
-            len(panels),
-            1,
-            figsize=(min(max(7.0, 3 + 0.05 * E.shape[1]), 24), 1.5 + 0.12 * height),
-            gridspec_kw={"height_ratios": [len(pr) + 1 for _, pr in panels]},
-            squeeze=False,
-        )
-        for ax, (name, pr) in zip(axes[:, 0], panels, strict=True):
-            im = ax.imshow(
-                pr, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest"
-            )
-            ax.set_ylabel(f"{name}\n({len(pr)})", rotation=0, ha="right", va="center")
-            ax.set_yticks([])
-            ax.set_xticks([])
-        axes[-1, 0].set_xlabel("variable" + ("" if likelihood == "bernoulli" else "=level"))
-        fig.subplots_adjust(left=0.2, right=0.85)
-        cax = fig.add_axes((0.88, 0.2, 0.02, 0.6))
-        fig.colorbar(im, cax=cax, label="mean of the cluster's rows")
-        fig.suptitle("cluster profiles, clusters matched to the true ones")
-        paths.append(os.path.join(out_dir, "comparison_profiles.png"))
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
-    return paths
-
-
-def run_comparators(
-    cfg: Any,
-    sites: Sequence[Any],
-    truth: Sequence[np.ndarray] | None,
-    results: Mapping[str, Any] | None,
-    run_dir: str,
-    methods: Sequence[str] | None = None,
-) -> list[dict[str, Any]]:
-    """Run the comparators, write the table (CSV, Markdown, JSON) and figures to ``run_dir``.
-
-    Returns the table rows. ``methods`` overrides ``cfg.comparators``.
-    """
-    rs = compare(cfg, sites, truth, results, methods)
-    rows = [r.row() for r in rs]
-    written = write_table(rows, run_dir)
-    meta = {"rows": rows, **provenance(cfg)}
-    with open(os.path.join(run_dir, "comparison.json"), "w") as fh:
-        json.dump(meta, fh, indent=2, default=str)
-    if bool(_get(cfg, "plots", True)):
-        likelihood = str(_get(cfg, "model.likelihood", "bernoulli"))
-        X = pooled(sites)
-        z = None if truth is None else np.concatenate([np.asarray(t) for t in truth])
-        levels = _plain(_get(cfg, "model.n_levels", None))
-        if likelihood == "categorical" and levels is None:
-            levels = [int(v) for v in X.max(axis=0) + 1]
-        written += write_figures(rs, X, z, likelihood, levels, run_dir)
-    print(markdown_table(rows))
-    log.info("comparison: %s", ", ".join(os.path.basename(p) for p in written))
-    return rows
