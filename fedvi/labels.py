@@ -54,8 +54,9 @@ def refinement_stats(
     least ``floor`` of them (arg-max) with a count of at least ``floor``: clusters below the
     floor are dropped and the local step is redone until every remaining cluster meets it, so
     no released statistic covers fewer rows. The released statistics are those of a valid
-    assignment of the site's rows, so the pooled ELBO stays exact. Dropped clusters are released as zeros. (Under differential
-    privacy the floor is applied to the noisy counts instead: ``restrict=False``.)
+    assignment of the site's rows, so the pooled ELBO stays exact. Dropped clusters are
+    released as zeros. (Under differential privacy the floor is applied to the noisy counts
+    instead: ``restrict=False``.)
     """
     problem = global_problem(data, posterior, options)
     G = posterior.n_clusters

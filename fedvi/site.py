@@ -64,7 +64,8 @@ def fit_site(
     Clusters that own fewer than ``min_cluster_size`` rows (arg-max), or whose count ``N_k`` is
     lower, are removed and their rows re-assigned before anything is released (the disclosure
     floor), so every count that leaves the site covers at least that many people; with missing
-    cells, observed counts below the floor are released as not observed. A site with fewer rows than the floor is refused.
+    cells, observed counts below the floor are released as not observed. A site with fewer
+    rows than the floor is refused.
     """
     options = options or FitOptions()
     floor = int(min_cluster_size)
