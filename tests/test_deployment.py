@@ -1,16 +1,19 @@
-"""A real Flower deployment on 127.0.0.1: one SuperLink, three SuperNodes, ``flwr run``.
+"""Real deployments: a SuperLink and SuperNodes as real processes on ports chosen at run time,
+started with the README's own commands (the ``<!-- step: ... -->`` blocks of README.md, run as
+written with their shell variables set here).
 
-The result must equal ``fedvi.federated_fit`` on the same files and seed. Every process runs
-in its own session and is killed with ``os.killpg`` whatever happens.
+1. TLS with a CA and server certificate made here, SuperNode authentication with registered
+   keys: an unregistered node is refused, the run equals ``fedvi.federated_fit`` on the files.
+2. Faults, on the trial recipe: a site with a bad file, a site with a different schema and an
+   unexpected extra node; the run goes on with the others (``min_sites``), names each one.
+3. A site killed (SIGKILL) during its local fit: named, with its node, within two minutes.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +21,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from deploy_harness import (
+    RESERVED_PORTS,
+    Processes,
+    extract_steps,
+    flower_env,
+    free_port,
+    kill_tree,
+    port_open,
+    processes_using,
+    run_step,
+    wait_port,
+)
 
 import fedvi
 from fedvi.io import read_labels, read_table
@@ -27,205 +42,249 @@ from fedvi.simulate import simulate, split_sites
 pytestmark = pytest.mark.deployment
 
 ROOT = Path(__file__).resolve().parents[1]
-SUPERLINK = ("127.0.0.1", 8000)
-BIN = Path(sys.executable).parent
-N_SITES = 3
+STEPS = extract_steps((ROOT / "README.md").read_text())
 SEED = 3
 
 
-def _exe(name: str) -> str:
-    path = BIN / name
-    return str(path) if path.exists() else name
+def base_env(tmp: Path) -> dict:
+    env = flower_env(tmp / "coordinator_flwr_home")
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    return env
 
 
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _kill(procs: list[subprocess.Popen]) -> None:
-    for p in reversed(procs):
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            continue
-    deadline = time.monotonic() + 10
-    for p in reversed(procs):
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait(timeout=5)
-
-
-def _write_sites(tmp: Path) -> tuple[list[Path], list[str]]:
-    """Three CSV files with a header and a label column ``y`` (scoring only)."""
-    sim = simulate(1200, 4, 20, seed=SEED)
-    parts = split_sites(sim.z, N_SITES, "dirichlet", seed=SEED, concentration=2.0)
-    names = [f"v{d}" for d in range(sim.X.shape[1])]
+def write_csv_sites(tmp: Path, n_sites: int, n_rows=1200, n_features=20):
+    """CSV files with a header and a label column ``y`` (used only to score)."""
+    sim = simulate(n_rows, 4, n_features, seed=SEED)
+    parts = split_sites(sim.z, n_sites, "dirichlet", seed=SEED, concentration=2.0)
+    names = [f"v{d}" for d in range(n_features)]
     paths = []
     for b, rows in enumerate(parts):
         path = tmp / f"site{b}.csv"
-        with open(path, "w") as fh:
-            fh.write(",".join([*names[:5], "y", *names[5:]]) + "\n")
-            for x, z in zip(sim.X[rows], sim.z[rows], strict=True):
-                cells = [str(int(v)) for v in x]
-                fh.write(",".join([*cells[:5], str(int(z)), *cells[5:]]) + "\n")
+        fedvi.io.write_table(path, sim.X[rows], feature_names=names, labels=sim.z[rows])
         paths.append(path)
-    return paths, names
+    return paths
 
 
-@pytest.fixture
-def federation(tmp_path):
-    """A SuperLink and three SuperNodes; yields ``(env, site_files, site_output_dirs, logs)``."""
-    if _port_open(*SUPERLINK):
-        pytest.fail(f"port {SUPERLINK[1]} is busy: the deployment test needs it for its SuperLink")
-    env = dict(os.environ)
-    env.update(
-        FLWR_HOME=str(tmp_path / "flwr_home"),
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        PYTHONUNBUFFERED="1",
+def site_env(env: dict, tmp: Path, b: int, data: Path, policy: str = 'label-column="y"') -> dict:
+    e = dict(env)
+    e.update(
+        FLWR_HOME=str(tmp / f"site{b}_flwr_home"),
+        FEDVI_SITE=f"site{b}",
+        FEDVI_SITE_ID=str(b),
+        FEDVI_DATA=str(data),
+        FEDVI_OUT=str(tmp / f"site{b}_out"),
+        FEDVI_SUPERNODE_PORT=str(free_port("127.0.0.1")),
+        FEDVI_POLICY=policy,
     )
-    files, _ = _write_sites(tmp_path)
-    outs = [tmp_path / f"site{b}_out" for b in range(N_SITES)]
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    procs: list[subprocess.Popen] = []
-
-    def start(name: str, args: list[str]) -> None:
-        fh = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        procs.append(
-            subprocess.Popen(
-                args,
-                cwd=tmp_path,
-                env=env,
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )
-        fh.close()
-
-    try:
-        start("superlink", [_exe("flower-superlink"), "--insecure"])
-        deadline = time.monotonic() + 60
-        while not _port_open(*SUPERLINK):
-            if procs[0].poll() is not None or time.monotonic() > deadline:
-                pytest.fail("SuperLink did not start:\n" + (logs / "superlink.log").read_text())
-            time.sleep(0.3)
-        for b in range(N_SITES):
-            node_config = (
-                f'partition-id={b} data-path="{files[b]}" label-column="y" output-dir="{outs[b]}"'
-            )
-            start(
-                f"supernode{b}",
-                [
-                    _exe("flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"{SUPERLINK[0]}:{SUPERLINK[1]}",
-                    "--port",
-                    str(_free_port()),
-                    "--node-config",
-                    node_config,
-                ],
-            )
-        yield env, files, outs, logs
-    finally:
-        _kill(procs)
+    return e
 
 
-def _copy_app(dest: Path) -> Path:
-    """A copy of the app: ``flwr run`` rewrites the ``pyproject.toml`` it is given (it moves
-    ``[tool.flwr.federations]`` into ``$FLWR_HOME``), and must not touch the checkout."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("fedvi", "strategies", "simulations", "configs"):
-        shutil.copytree(ROOT / name, dest / name, ignore=ignore)
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, dest / name)
-    return dest
-
-
-def _flwr(args: list[str], env: dict, timeout: float, cwd: Path = ROOT):
-    return subprocess.run(
-        [_exe("flwr"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def _logs(logs: Path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(logs.iterdir()))
-
-
-def _wait_for_run(run_id: int, env: dict, logs: Path, timeout: float = 240) -> dict:
+def supernodes_online(env: dict, connection: str, n: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    status: dict = {}
     while time.monotonic() < deadline:
-        args = ["list", "local-deployment", "--run-id", str(run_id), "--format", "json"]
-        out = _flwr(args, env, 60)
-        if out.returncode == 0:
-            status = json.loads(out.stdout)["runs"][0]
-            if str(status.get("status", "")).startswith("finished"):
-                return status
+        out = subprocess.run(
+            ["flwr", "supernode", "list", connection, "--format", "json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        try:
+            nodes = json.loads(out.stdout).get("nodes", [])
+        except json.JSONDecodeError:
+            nodes = []
+        if sum(1 for node in nodes if node.get("status") == "online") >= n:
+            return
         time.sleep(2)
-    pytest.fail(f"run {run_id} did not finish in {timeout} s: {status}\n{_logs(logs)}")
+    raise AssertionError(f"fewer than {n} SuperNodes online: {out.stdout} {out.stderr}")
 
 
-def test_flwr_run_matches_federated_fit(federation, tmp_path):
-    env, files, outs, logs = federation
-    out_dir = tmp_path / "server_out"
-    overrides = f"seed={SEED} model.n_components=10 strategy.min_cluster_size=5"
-    run_config = tmp_path / "run_config.toml"
-    run_config.write_text(
-        f'num-sites = {N_SITES}\noutput-dir = "{out_dir}"\noverrides = "{overrides}"\n'
-    )
-    app = _copy_app(tmp_path / "app")
-    t0 = time.perf_counter()
-    started = _flwr(
-        ["run", ".", "local-deployment", "--run-config", str(run_config), "--format", "json"],
-        env,
-        180,
-        cwd=app,
-    )
-    assert started.returncode == 0, started.stdout + started.stderr + _logs(logs)
-    run_id = int(json.loads(started.stdout)["run-id"])
-    status = _wait_for_run(run_id, env, logs)
-    took = time.perf_counter() - t0
-    assert status["status"] == "finished:completed", f"{status}\n{_logs(logs)}"
+def submit(step: str, env: dict, timeout: float = 420) -> subprocess.CompletedProcess:
+    """The README's run step (``python -m strategies.submit``) from the checkout."""
+    return run_step(STEPS[step], env, cwd=ROOT, timeout=timeout, check=False)
 
-    results = json.loads((out_dir / "results.json").read_text())
-    labels = [read_labels(o / f"labels_site{b}.csv") for b, o in enumerate(outs)]
+
+def reference(files, **kw):
     tables = [read_table(f, label_column="y") for f in files]
-    ref = fedvi.federated_fit(
-        [t.X for t in tables],
-        n_components=10,
-        seed=SEED,
-        min_cluster_size=5,
-        feature_names=tables[0].feature_names,
+    return fedvi.federated_fit(tables, seed=0, **kw), tables
+
+
+# -- 1. TLS + registered SuperNodes: the README's recipe ----------------------------------------
+def test_tls_recipe_from_the_readme(tmp_path):
+    files = write_csv_sites(tmp_path, 2)
+    env = base_env(tmp_path)
+    port = free_port()
+    assert port not in RESERVED_PORTS
+    env.update(
+        FEDVI_CERTS=str(tmp_path / "certs"),
+        FEDVI_KEYS=str(tmp_path / "keys"),
+        FEDVI_SAN="DNS:localhost,IP:127.0.0.1",
+        FEDVI_SUPERLINK_HOST="127.0.0.1",
+        FEDVI_SUPERLINK_PORT=str(port),
+        FEDVI_RESULTS=str(tmp_path / "results"),
+        FEDVI_SITES="[0,1]",
     )
-    assert results["complete"] and not results["failures"]
+    sites = [site_env(env, tmp_path, b, files[b]) for b in range(2)]
+    intruder = site_env(env, tmp_path, 2, files[0])
+    intruder["FEDVI_SITE_ID"] = "1"
+    with Processes(tmp_path / "logs", sweep_dir=tmp_path) as procs:
+        run_step(STEPS["coordinator-certs"], env)
+        for e in [*sites, intruder]:
+            run_step(STEPS["site-key"], e)
+        superlink = procs.step("superlink", STEPS["coordinator-superlink"], env)
+        wait_port("127.0.0.1", port, 60, superlink)
+        run_step(STEPS["coordinator-connection"], env)
+        for e in sites:  # the intruder's key is never registered
+            run_step(STEPS["coordinator-register"], e | {"FLWR_HOME": env["FLWR_HOME"]})
+        for b, e in enumerate(sites):
+            procs.step(f"site{b}", STEPS["site-supernode"], e)
+        refused = procs.step("intruder", STEPS["site-supernode"], intruder)
+        assert refused.wait(timeout=120) == 1
+        log = (procs.log("intruder")).read_text()
+        assert "Failed to activate SuperNode" in log
+        supernodes_online(env, "fedvi", 2)
+        t0 = time.perf_counter()
+        done = submit("coordinator-run", env)
+        took = time.perf_counter() - t0
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:] + procs.logs()
+        pids = [p.pid for p in procs.procs.values()]
+    assert not port_open("127.0.0.1", port)
+    assert processes_using(tmp_path) == [] and all(not _alive(p) for p in pids)
+    assert not (tmp_path / "site2_out").exists()
+
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    ref, tables = reference(files)
+    assert results["status"] == "completed" and not results["failures"]
     assert results["n_clusters"] == ref.n_clusters
     assert results["elbo"] == pytest.approx(ref.elbo, rel=1e-10)
-    for b in range(N_SITES):
-        assert len(labels[b]) == len(ref.labels[b])
-        assert results["sites"][f"site {b}"]["n_rows"] == len(ref.labels[b])
+    labels = [read_labels(tmp_path / f"site{b}_out" / f"labels_site{b}.csv") for b in range(2)]
     assert adjusted_rand_index(np.concatenate(ref.labels), np.concatenate(labels)) == 1.0
-    # The known labels were never fitted: the sites' schema has the 20 variables only.
-    assert "y" not in tables[0].feature_names
-    assert (out_dir / "cluster_profiles.csv").exists()
-    print(f"deployment run {run_id}: {results['n_clusters']} clusters in {took:.1f} s")
+    # The data as the sites reported it, not a default study.
+    cfg = (tmp_path / "results" / "config_resolved.yaml").read_text()
+    assert "sites (deployment)" in cfg and "n_rows: 1200" in cfg
+    assert results["data"]["n_variables"] == 20
+    assert "y" not in ref.spec.feature_names  # the label column was never fitted
+    print(f"TLS deployment: {results['n_clusters']} clusters, run in {took:.1f} s")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+# -- 2 and 3: faults, on the trial recipe ----------------------------------------------------
+def start_trial(procs, env, site_envs):
+    port = int(env["FEDVI_SUPERLINK_PORT"])
+    superlink = procs.step("superlink", STEPS["trial-superlink"], env)
+    wait_port("127.0.0.1", port, 60, superlink)
+    run_step(STEPS["trial-connection"], env)
+    for name, e in site_envs.items():
+        procs.step(name, STEPS["trial-supernode"], e)
+    # Without SuperNode authentication `flwr supernode list` lists none: wait for each
+    # SuperNode's own line saying it joined.
+    deadline = time.monotonic() + 120
+    while not all("SuperNode ID:" in procs.log(n).read_text() for n in site_envs):
+        assert time.monotonic() < deadline, procs.logs()
+        time.sleep(1)
+
+
+def test_bad_file_other_schema_and_extra_node_are_named_and_the_run_goes_on(tmp_path):
+    files = write_csv_sites(tmp_path, 4)
+    bad = tmp_path / "site2_bad.csv"
+    bad.write_text(files[2].read_text().replace("\n1,", "\nyes,", 1))
+    other = tmp_path / "site3_other.csv"
+    text = files[3].read_text().splitlines()
+    other.write_text("\n".join([text[0].replace("v7", "v7b"), *text[1:]]) + "\n")
+    env = base_env(tmp_path)
+    env.update(
+        FEDVI_RESULTS=str(tmp_path / "results"),
+        FEDVI_SITES="[0,1,2,3]",
+        FEDVI_MIN_SITES="2",
+        FEDVI_SUPERLINK_PORT=str(free_port("127.0.0.1")),
+    )
+    sites = {
+        "site0": site_env(env, tmp_path, 0, files[0]),
+        "site1": site_env(env, tmp_path, 1, files[1]),
+        "site2": site_env(env, tmp_path, 2, bad),
+        "site3": site_env(env, tmp_path, 3, other),
+        "extra": site_env(env, tmp_path, 9, files[3]),
+    }
+    with Processes(tmp_path / "logs", sweep_dir=tmp_path) as procs:
+        start_trial(procs, env, sites)
+        done = submit("trial-run", env)
+        assert done.returncode == 3, done.stdout[-3000:] + done.stderr[-3000:] + procs.logs()
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert results["status"] == "completed_with_failures"
+    fails = {f["site"]: f for f in results["failures"]}
+    assert set(fails) == {2, 3}
+    assert fails[2]["phase"] == "preflight" and "failed validation (bad-value)" in fails[2]["error"]
+    assert "yes" not in fails[2]["error"] and "site2_bad" not in fails[2]["error"]
+    assert "renamed" in fails[3]["error"] and fails[2]["node"] and fails[3]["node"]
+    assert any("claims site 9, which is not an expected site" in n for n in results["notes"])
+    assert not (tmp_path / "site9_out" / "labels_site9.csv").exists()
+    ok = [s for s, r in results["sites"].items() if r["status"] == "ok"]
+    assert ok == ["site 0", "site 1"]
+    ref, _ = reference(files[:2])
+    assert results["n_clusters"] == ref.n_clusters
+    assert results["elbo"] == pytest.approx(ref.elbo, rel=1e-10)
+    # The wrapper printed each failure with its site and node.
+    assert re.search(r"site 2 \(node \d+\) failed in preflight", done.stdout)
+
+
+def test_a_site_killed_during_its_local_fit_is_named_within_two_minutes(tmp_path):
+    files = write_csv_sites(tmp_path, 3)
+    big = tmp_path / "site2_big.parquet"
+    rng = np.random.default_rng(0)
+    X = (rng.random((600_000, 20)) < 0.3).astype(np.int8)  # a slow local fit
+    fedvi.io.write_table(big, X, feature_names=[f"v{d}" for d in range(20)])
+    env = base_env(tmp_path)
+    env.update(
+        FEDVI_RESULTS=str(tmp_path / "results"),
+        FEDVI_SITES="[0,1,2]",
+        FEDVI_MIN_SITES="2",
+        FEDVI_SUPERLINK_PORT=str(free_port("127.0.0.1")),
+    )
+    sites = {
+        "site0": site_env(env, tmp_path, 0, files[0]),
+        "site1": site_env(env, tmp_path, 1, files[1]),
+        "site2": site_env(env, tmp_path, 2, big, policy=""),
+    }
+    with Processes(tmp_path / "logs", sweep_dir=tmp_path) as procs:
+        start_trial(procs, env, sites)
+        run = subprocess.Popen(
+            ["bash", "-c", STEPS["trial-run"]],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        procs.adopt("submit", run)
+        lines, killed_at, detected = [], None, None
+        for line in run.stdout:
+            lines.append(line)
+            if killed_at is None and "phase local on sites" in line:
+                time.sleep(2)  # the sites are fitting now
+                kill_tree(procs.procs["site2"], signal.SIGKILL, grace=0)
+                killed_at = time.monotonic()
+            if killed_at and detected is None and re.search(r"site 2 \(node \d+\) failed", line):
+                detected = time.monotonic() - killed_at
+                lines.append(f"detected after {detected:.1f} s\n")
+        code = run.wait(timeout=400)
+    out = "".join(lines)
+    assert killed_at is not None, out
+    assert code == 3, out[-4000:]
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    (fail,) = results["failures"]
+    assert fail["site"] == 2 and fail["phase"] == "local" and fail["node"]
+    assert results["status"] == "completed_with_failures"
+    assert results["sites"]["site 2"]["status"] == "failed"
+    found = re.search(r"detected after ([0-9.]+) s", out)
+    assert found and float(found.group(1)) < 120, out[-3000:]
+    ref, _ = reference(files[:2])
+    assert results["n_clusters"] == ref.n_clusters
+    print(f"killed site detected after {found.group(1)} s")

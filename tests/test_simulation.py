@@ -1,5 +1,6 @@
 """``python -m simulations.run`` (Flower's simulation engine on Ray) reproduces
-``fedvi.federated_fit`` on the same sites and seed."""
+``fedvi.federated_fit``, runs secure aggregation, reports a failed run, and leaves a model file
+that labels the sites' rows from the command line."""
 
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ pytest.importorskip("hydra")
 import fedvi  # noqa: E402
 from fedvi.io import read_labels  # noqa: E402
 from fedvi.metrics import adjusted_rand_index  # noqa: E402
+from fedvi.settings import as_dict  # noqa: E402
 from simulations.data import load_sites  # noqa: E402
-from strategies.server_app import compose_config  # noqa: E402
+from strategies.config import RunSettings, compose_config  # noqa: E402
 
 pytestmark = [pytest.mark.simulation, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+def run(args: list[str], timeout: float = 300, expect: int = 0) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "simulations.run", *args],
         cwd=ROOT,
@@ -32,32 +34,29 @@ def run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
         text=True,
         timeout=timeout,
     )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == expect, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
 
-def reference(overrides: list[str]) -> tuple[fedvi.FederatedResult, list]:
+def reference(overrides: list[str]):
     cfg = compose_config("config", overrides)
     sites, truth, _ = load_sites(cfg)
-    m, s = cfg.model, cfg.strategy
+    s = RunSettings.from_cfg(cfg)
     ref = fedvi.federated_fit(
         sites,
-        m.likelihood,
-        n_components=m.n_components,
-        alpha0=m.alpha0,
-        merge=s.merge,
-        labels=s.labels,
-        refine_rounds=s.refine_rounds,
-        min_cluster_size=s.min_cluster_size,
-        seed=cfg.seed,
+        seed=s.seed,
+        policy=s.site,
+        **as_dict(s.spec),
+        **as_dict(s.fit),
+        **as_dict(s.server),
     )
-    return ref, truth
+    return ref, truth, sites
 
 
 def check_run_dir(run_dir: Path, overrides: list[str]) -> dict:
     results = json.loads((run_dir / "results.json").read_text())
-    ref, truth = reference(overrides)
-    assert results["complete"] and not results["failures"]
+    ref, truth, _ = reference(overrides)
+    assert results["status"] == "completed" and not results["failures"]
     assert results["n_clusters"] == ref.n_clusters
     assert results["elbo"] == pytest.approx(ref.elbo, rel=1e-10)
     labels = [read_labels(run_dir / "labels" / f"labels_site{b}.csv") for b in range(len(truth))]
@@ -66,22 +65,99 @@ def check_run_dir(run_dir: Path, overrides: list[str]) -> dict:
     assert results["ari"] == pytest.approx(expected_ari)
     for b, lab in enumerate(ref.labels):
         site = results["sites"][f"site {b}"]
-        assert site["n_rows"] == len(lab)
+        assert site["n_rows"] == len(lab) and site["converged"] is True
         assert site["uplink_bytes"] == ref.uplink_bytes[b]
     return results
 
 
 def test_default_style_run_matches_federated_fit(tmp_path):
-    overrides = ["+experiment=small", "seed=2", "strategy.merge=paper", "strategy.labels=map"]
+    overrides = [
+        "+experiment=small",
+        "seed=2",
+        "strategy.merge_mode=paper",
+        "strategy.label_mode=map",
+    ]
     proc = run([*overrides, f"hydra.run.dir={tmp_path}"])
     results = check_run_dir(tmp_path, overrides)
     assert results["label_mode"] == "map"
-    assert set(results["wall_clock"]) >= {"local", "label", "data", "simulation"}
-    for name in ("cluster_profiles.csv", "cluster_profiles.png", "config_resolved.yaml"):
+    assert set(results["wall_clock"]) >= {"preflight", "local", "label", "data", "simulation"}
+    for name in (
+        "cluster_profiles.csv",
+        "cluster_profiles.png",
+        "config_resolved.yaml",
+        "model.npz",
+        "run.log",
+    ):
         assert (tmp_path / name).exists(), name
     profiles = np.loadtxt(tmp_path / "cluster_profiles.csv", delimiter=",", skiprows=1, ndmin=2)
     assert profiles.shape == (results["n_clusters"], 2 + 40)
-    assert "global clusters" in proc.stdout + proc.stderr  # progress on the terminal
+    console = proc.stdout + proc.stderr
+    assert "fedvi local: site 0" in console  # one line per site and phase
+    assert "deprecated" not in console.lower()  # Flower's notice is kept out of the console
+    # The model file of the run labels a site's table from the command line, on the site.
+    site0 = tmp_path / "site_data" / "site0.npy"
+    out = tmp_path / "relabel.csv"
+    label = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedvi",
+            "label",
+            "--model",
+            str(tmp_path / "model.npz"),
+            "--data",
+            str(site0),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert label.returncode == 0, label.stderr
+    posterior_labels = fedvi.load_model(tmp_path / "model.npz").predict(np.load(site0))
+    np.testing.assert_array_equal(read_labels(out), posterior_labels)
+
+
+def test_secure_aggregation_gives_the_plain_runs_clusters(tmp_path):
+    common = ["+experiment=small", "federation.sites=3", "strategy.refine_rounds=2"]
+    run([*common, f"hydra.run.dir={tmp_path / 'plain'}"])
+    run([*common, "strategy.secure_aggregation=true", f"hydra.run.dir={tmp_path / 'secure'}"])
+    plain = json.loads((tmp_path / "plain" / "results.json").read_text())
+    secure = json.loads((tmp_path / "secure" / "results.json").read_text())
+    assert secure["status"] == "completed" and secure["privacy"]["secure_aggregation"]
+    assert secure["n_clusters"] == plain["n_clusters"]
+    assert len(secure["elbo_history"]) == len(plain["elbo_history"]) == 4
+    np.testing.assert_allclose(secure["elbo_history"], plain["elbo_history"], rtol=1e-9)
+    assert secure["ari"] == plain["ari"]
+    # The server saw only the total label counts, not each site's.
+    assert all(s["counts"] is None for s in secure["sites"].values())
+    totals = np.sum([s["counts"] for s in plain["sites"].values()], axis=0)
+    np.testing.assert_array_equal(secure["privacy"]["label_counts_total"], totals)
+
+
+def test_a_failed_run_exits_non_zero_and_writes_results(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n0,1\n1,yes\n")
+    good = tmp_path / "good.csv"
+    good.write_text("a,b\n" + "0,1\n1,0\n" * 20)
+    out = tmp_path / "run"
+    proc = run(
+        [
+            "data=files",
+            f"data.paths=[{good},{bad}]",
+            "model.n_components=3",
+            f"hydra.run.dir={out}",
+        ],
+        expect=1,
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["status"] == "failed"
+    (fail,) = results["failures"]
+    assert fail["site"] == 1 and fail["phase"] == "preflight" and fail["node"]
+    assert "failed validation (bad-value)" in fail["error"]
+    assert "yes" not in fail["error"] and "bad.csv" not in fail["error"]
+    assert "the run failed" in proc.stdout + proc.stderr
 
 
 def test_multirun_sweep(tmp_path):
