@@ -28,6 +28,7 @@ from fedvi.privacy import (
     noisy_release,
     suppress_counts,
 )
+from fedvi.protocol import encode_refine
 from fedvi.result import FederatedResult, SiteReport
 from fedvi.settings import numpydoc, split_options
 from fedvi.site import fit_site
@@ -136,6 +137,12 @@ def fixed_contribution(summaries: Summaries, mapping: np.ndarray, n_clusters: in
     return summaries.combine(mapping, n_clusters)
 
 
+def _count_bytes(report: SiteReport, phase: str, arrays) -> None:
+    """Bytes of arrays a site sends in ``phase`` (what the Flower app measures on the wire)."""
+    n = int(sum(np.asarray(a).nbytes for a in arrays))
+    report.uplink_bytes[phase] = report.uplink_bytes.get(phase, 0) + n
+
+
 def _dp_release(stats: Summaries, accountant: Accountant, floor: int, rng) -> Summaries:
     return noisy_release(stats, accountant.spend(), rng, floor)
 
@@ -220,7 +227,9 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
             st = refinement_stats(
                 data, posterior, floors[b], site_fit_options(fit, policies[b]), acc is None
             )
-            stats.append(st if acc is None else _dp_release(st, acc, floors[b], rngs[b]))
+            st = st if acc is None else _dp_release(st, acc, floors[b], rngs[b])
+            stats.append(st)
+            _count_bytes(result.sites[ids[b]], "refine", encode_refine(st))
         new, accepted, kept = combine_refinement(
             posterior, stats, fixed, noisy=any(a is not None for a in accountants)
         )
@@ -250,6 +259,7 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
             if accountants[b] is not None:
                 counts = noisy_counts(counts, accountants[b].spend(), rngs[b])
             rep.counts = suppress_counts(counts, floors[b])
+            _count_bytes(rep, "label", [rep.counts])
         if accountants[b] is not None:
             rep.privacy = {
                 "epsilon_spent": accountants[b].epsilon_spent,

@@ -98,9 +98,10 @@ class ServerOptions:
         OneOf(*LABEL_MODES),
     )
     refine_rounds: int = setting(
-        0,
-        "refinement rounds after the merge: sites send sums per global cluster, the server "
-        "updates; each round keeps the ELBO from falling",
+        3,
+        "refinement rounds after the merge (sites that allow it send sums per global cluster, "
+        "the server updates; a round that would lower the ELBO is not applied); 0: the "
+        "paper's one-shot merge (measured in benchmarks/bench_refine.py)",
         Interval(int, 0),
     )
     min_cluster_size: int = setting(
@@ -121,3 +122,9 @@ class ServerOptions:
 
     def __post_init__(self):
         check_fields(self)
+        if self.label_mode == "map" and self.refine_rounds > 0:
+            raise ValueError(
+                "label_mode='map' labels rows through the one-shot merge's local-to-global map, "
+                f"which refinement moves away from (refine_rounds={self.refine_rounds}): use "
+                "label_mode='posterior' or refine_rounds=0"
+            )

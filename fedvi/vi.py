@@ -182,10 +182,6 @@ def normalise_with_log(logits: np.ndarray):
     return resp, logits
 
 
-#: Rows per log-sum-exp chunk inside a block: a chunk's logits stay in cache across its passes.
-LSE_CHUNK = 8192
-
-
 @dataclass
 class Pass:
     """What one pass over the rows computed (only what was asked for)."""
@@ -201,13 +197,9 @@ class Pass:
 
 
 def _block_resp(logits, source: Source):
-    """Responsibilities (and ``log r`` when no merge is applied) of one block's logits."""
-    n = logits.shape[0]
-    r = np.empty_like(logits)
-    log_r = logits
-    for s in range(0, n, LSE_CHUNK):
-        rr, _ = normalise_with_log(logits[s : s + LSE_CHUNK])
-        r[s : s + LSE_CHUNK] = rr
+    """Responsibilities (and ``log r`` when no merge is applied) of one block's logits (a
+    block's ``(B, K)`` logits stay in cache across the log-sum-exp's passes)."""
+    r, log_r = normalise_with_log(logits)
     if source.merge is not None:
         return r @ source.merge, None
     return r, log_r

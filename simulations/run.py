@@ -69,8 +69,11 @@ def _quiet_flower(run_dir: str) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def run_federation(settings: RunSettings, paths: list[str], label_column, run_dir: str):
-    """Run the Flower simulation; returns the strategy (its ``result`` holds the outcome)."""
+def run_federation(
+    settings: RunSettings, paths: list[str], label_column, run_dir: str, resume=None
+):
+    """Run the Flower simulation; returns the strategy (its ``result`` holds the outcome).
+    ``resume``: a fitted model the simulated sites join (they get the ids after its sites)."""
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.server import ServerApp
     from flwr.simulation import run_simulation
@@ -79,18 +82,20 @@ def run_federation(settings: RunSettings, paths: list[str], label_column, run_di
     from strategies.workflow import run_strategy
 
     n = len(paths)
+    offset = 0 if resume is None else max(resume.site_ids) + 1
+    ids = tuple(range(offset, offset + n))
     settings = dataclasses.replace(
-        settings, federation=dataclasses.replace(settings.federation, sites=n, site_ids=None)
+        settings, federation=dataclasses.replace(settings.federation, sites=n, site_ids=ids)
     )
     sim_paths = {
-        "sim.data_paths": paths,
+        "sim.data_paths": [""] * offset + list(paths),
         "sim.label_column": label_column,
         "sim.output_dir": os.path.join(run_dir, "labels"),
     }
-    strategy = build_strategy(settings, sim_paths=sim_paths)
+    strategy = build_strategy(settings, sim_paths=sim_paths, resume=resume)
     # The simulation's own sites accept the paths above; a deployed site never does.
     site_policy = dataclasses.replace(settings.site, allow_server_paths=True)
-    client_app = make_client_app(lambda pid: site_policy)
+    client_app = make_client_app(lambda pid: site_policy, partition_offset=offset)
     server_app = ServerApp()
 
     @server_app.main()
@@ -150,8 +155,13 @@ def main(cfg: DictConfig) -> float | None:
         cfg.federation.get("split", "-"),
         run_dir,
     )
+    resume = None
+    if cfg.get("resume"):
+        from fedvi.model import load_model
+
+        resume = load_model(str(cfg.resume))
     t = time.perf_counter()
-    strategy = run_federation(settings, paths, label_column, run_dir)
+    strategy = run_federation(settings, paths, label_column, run_dir, resume)
     wall["simulation"] = time.perf_counter() - t
     result = strategy.result
     if truth is None and label_column:

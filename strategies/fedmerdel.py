@@ -559,11 +559,14 @@ class FedMerDel(Strategy):
         if not ok:
             return
         ref = self.preflights[ok[0]]
-        if self.resume is not None or self.spec.feature_names is not None:
-            names = (self.resume.spec if self.resume is not None else self.spec).feature_names
+        model = self.resume.spec if self.resume is not None else self.spec
+        if model.feature_names is not None:
+            names = model.feature_names
             ref = dataclasses.replace(
                 ref, n_features=len(names), variable_hashes=tuple(variable_hashes(names))
             )
+        elif self.resume is not None:
+            ref = dataclasses.replace(ref, n_features=model.n_features, variable_hashes=None)
         for s in ok:
             pre = self.preflights[s]
             diff = schema_difference(ref, pre)

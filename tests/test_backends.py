@@ -43,7 +43,7 @@ def test_federated_fit_on_torch_matches_numpy():
 
 
 def test_bad_backend_names_the_problem():
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="backend=.jax. is not allowed: expected one of"):
         fedvi.MixtureVI(backend="jax").fit(np.eye(4, dtype=int))
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):

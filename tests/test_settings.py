@@ -122,6 +122,8 @@ def test_every_field_can_be_set_from_the_config(cls, name):
     overrides = [f"{group}.{name}={text}"]
     if cls is MixtureSpec and name in ("n_levels", "feature_names"):
         overrides.append("model.likelihood=categorical")
+    if cls is ServerOptions and name == "label_mode":
+        overrides.append("strategy.refine_rounds=0")  # map labels are for one-shot runs
     cfg = compose_config("config", overrides)
     settings = RunSettings.from_cfg(cfg)
     holder = {
@@ -156,6 +158,8 @@ def test_every_model_fit_and_server_field_reaches_the_sites_fit(tmp_path, monkey
     change = {name: value}
     if cls is MixtureSpec and name in ("n_levels", "feature_names"):
         change["likelihood"] = "categorical"
+    if cls is ServerOptions and name == "label_mode":
+        change["refine_rounds"] = 0
     changed = dataclasses.replace(getattr(base, attr), **change)
     settings = dataclasses.replace(base, **{attr: changed})
     strategy = build_strategy(settings)

@@ -76,6 +76,7 @@ def test_default_style_run_matches_federated_fit(tmp_path):
         "seed=2",
         "strategy.merge_mode=paper",
         "strategy.label_mode=map",
+        "strategy.refine_rounds=0",
     ]
     proc = run([*overrides, f"hydra.run.dir={tmp_path}"])
     results = check_run_dir(tmp_path, overrides)
@@ -174,3 +175,29 @@ def test_multirun_sweep(tmp_path):
     )
     for num, alpha0 in enumerate(("0.01", "0.5")):
         check_run_dir(tmp_path / str(num), ["+experiment=small", f"model.alpha0={alpha0}"])
+
+
+def test_a_site_joins_a_saved_model_through_the_app(tmp_path):
+    """``resume=<model file>``: the new site fits locally and is merged into the model by the
+    same summary-only merge as ``fedvi.extend`` (same K, same ELBO)."""
+    _, _, sites = reference(["+experiment=sim4", "federation.split=iid"])
+    four = fedvi.federated_fit(sites[:4], n_components=15, seed=0)
+    model_path = four.model.save(tmp_path / "four_sites.npz")
+    np.save(tmp_path / "site4.npy", sites[4])
+    out = tmp_path / "run"
+    run(
+        [
+            "data=files",
+            f"data.paths=[{tmp_path / 'site4.npy'}]",
+            f"resume={model_path}",
+            f"hydra.run.dir={out}",
+        ]
+    )
+    results = json.loads((out / "results.json").read_text())
+    ref = fedvi.extend(fedvi.load_model(model_path), [sites[4]], seed=0)
+    assert results["status"] == "completed" and list(results["sites"]) == ["site 4"]
+    assert results["n_clusters"] == ref.model.n_clusters
+    assert results["elbo"] == pytest.approx(ref.model.elbo, rel=1e-10)
+    model = fedvi.load_model(out / "model.npz")
+    assert model.site_ids == (0, 1, 2, 3, 4)
+    np.testing.assert_array_equal(read_labels(out / "labels" / "labels_site4.csv"), ref.labels[0])

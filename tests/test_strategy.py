@@ -57,8 +57,9 @@ class LosesDataProxy(LocalProxy):
 
 
 CASES = [
-    ("bernoulli", {"merge_mode": "paper", "label_mode": "map"}, {}),
+    ("bernoulli", {"merge_mode": "paper", "label_mode": "map", "refine_rounds": 0}, {}),
     ("bernoulli", {"refine_rounds": 2}, {}),
+    ("bernoulli", {"refine_rounds": 0}, {}),
     ("categorical", {}, {"variable_selection": True}),
 ]
 
@@ -176,19 +177,26 @@ def test_too_few_sites_stop_the_run_with_the_reasons(tmp_path):
         run_protocol(strategy, proxies_for(3))
 
 
-def test_site_failing_mid_run_is_named(tmp_path):
+@pytest.mark.parametrize(("rounds", "phase"), [(0, "label"), (2, "refine")])
+def test_site_failing_mid_run_is_named(tmp_path, rounds, phase):
     tables = sites()
     paths = write_sites(tmp_path, tables)
     proxies = proxies_for(3)
     proxies[1] = LosesDataProxy(1001, proxies[1].client, paths[1])
     strategy = make_strategy(
-        paths, tmp_path, options=StrategyOptions(wait_for_sites=5, min_sites=2)
+        paths,
+        tmp_path,
+        server=ServerOptions(refine_rounds=rounds),
+        options=StrategyOptions(wait_for_sites=5, min_sites=2),
     )
     run_protocol(strategy, proxies)
     o = strategy.result
     assert o.status == "completed_with_failures"
-    assert [(f["phase"], f["site"], f["node"]) for f in o.failures] == [("label", 1, "1001")]
+    assert [(f["phase"], f["site"], f["node"]) for f in o.failures] == [(phase, 1, "1001")]
     assert o.sites[1].counts is None and o.sites[0].counts is not None
+    if rounds:  # a round with a missing site is not applied, and refinement stops there
+        assert len(o.elbo_history) == 2
+        assert any("sites [1] did not answer" in n for n in o.notes)
 
 
 def test_unexpected_node_is_not_used_and_duplicates_stop_the_run(tmp_path):
@@ -254,7 +262,7 @@ def test_round_config_is_scalars_only(tmp_path):
     assert all(isinstance(v, (bool, int, float, str)) for v in config.values())
     assert json.loads(config["model.n_levels"]) == [3] * 15
     assert config["fit.moves"] == FitOptions().moves
-    assert [p.value for p in strategy.phases] == ["preflight", "local", "label"]
+    assert [p.value for p in strategy.phases] == ["preflight", "local", *["refine"] * 3, "label"]
 
 
 def test_ndarrays_of_a_reply_are_exactly_the_summaries(tmp_path):

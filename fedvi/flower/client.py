@@ -363,15 +363,18 @@ def secagg_mod(msg, ctxt, call_next):
     return secaggplus_mod(msg, ctxt, call_next)
 
 
-def make_client_app(policy_for=None) -> ClientApp:
+def make_client_app(policy_for=None, partition_offset: int = 0) -> ClientApp:
     """A ``ClientApp``; ``policy_for(partition_id) -> SitePolicy`` replaces the node config's
-    policy (the simulation's built-in sites use it to opt in to server-sent paths)."""
+    policy (the simulation's built-in sites use it to opt in to server-sent paths), and
+    ``partition_offset`` shifts the simulation's partition ids (sites added to a model)."""
 
     def client_fn(context: Context):
+        node_config = dict(context.node_config)
+        node_config["partition-id"] = int(node_config["partition-id"]) + partition_offset
         policy = None
         if policy_for is not None:
-            policy = policy_for(int(context.node_config["partition-id"]))
-        return FedviClient(context.node_config, context.state, policy).to_client()
+            policy = policy_for(node_config["partition-id"])
+        return FedviClient(node_config, context.state, policy).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[secagg_mod])
 
