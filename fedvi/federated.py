@@ -205,7 +205,12 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
     result.elbo_history = [merged.elbo_before, merged.elbo]
     eps = [effective_epsilon(p.dp_epsilon, server.dp_epsilon) for p in policies]
     releases = server.refine_rounds + 1
-    accountants = [None if e is None else Accountant(e, server.dp_delta, releases) for e in eps]
+    accountants = [
+        None
+        if e is None
+        else Accountant(e, effective_epsilon(p.dp_delta, server.dp_delta), releases)
+        for e, p in zip(eps, policies, strict=True)
+    ]
     rngs = [np.random.default_rng([0 if seed is None else seed, s, 7]) for s in ids]
     floors = [p.floor(server.min_cluster_size) for p in policies]
     takes_part = [p.allow_refine for p in policies]
@@ -257,7 +262,7 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
         if policies[b].allow_labels:
             counts = label_counts(labels, G)
             if accountants[b] is not None:
-                counts = noisy_counts(counts, accountants[b].spend(), rngs[b])
+                counts = noisy_counts(counts, accountants[b].spend(), rngs[b], data.n_rows)
             rep.counts = suppress_counts(counts, floors[b])
             _count_bytes(rep, "label", [rep.counts])
         if accountants[b] is not None:

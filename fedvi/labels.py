@@ -11,6 +11,7 @@ import numpy as np
 
 from fedvi.data import EncodedData
 from fedvi.options import FitOptions
+from fedvi.privacy import apply_floor
 from fedvi.summaries import Summaries
 from fedvi.vi import Problem, run_pass, source_of
 
@@ -79,13 +80,14 @@ def refinement_stats(
         out[allowed] = a
         return out
 
-    return problem.summaries(
+    stats = problem.summaries(
         scatter(p.counts),
         scatter(p.sums),
         scatter(p.entropy),
         None if p.observed is None else scatter(p.observed),
         posterior.relevance,
     )
+    return apply_floor(stats, floor) if restrict else stats
 
 
 def label_counts(labels: np.ndarray, n_clusters: int) -> np.ndarray:

@@ -71,6 +71,11 @@ class SitePolicy:
         "(epsilon, delta)-DP at this total epsilon or less, whatever the server asks",
         Optional(Interval(float, 0, open_low=True)),
     )
+    dp_delta: float | None = setting(
+        None,
+        "largest delta of the (epsilon, delta) guarantee this site accepts; None: the server's",
+        Optional(Interval(float, 0, 1, True, True)),
+    )
     data_path: str | None = setting(None, "the site's table (deployment)", Optional(Text()))
     label_column: str | None = setting(
         None, "column of known labels in the table, used only for scoring", Optional(Text())
@@ -78,7 +83,8 @@ class SitePolicy:
     output_dir: str | None = setting(None, "where the site writes its labels", Optional(Text()))
     cache_dir: str | None = setting(
         None,
-        "where the site keeps its encoded table between phases (default: <output-dir>/.fedvi)",
+        "where the site keeps its encoded table between phases (default: "
+        "<output-dir>/.fedvi-cache)",
         Optional(Text()),
     )
     allow_server_paths: bool = setting(
@@ -134,6 +140,7 @@ class SitePolicy:
             "allow_labels": self.allow_labels,
             "require_secure_aggregation": self.require_secure_aggregation,
             "dp_epsilon": self.dp_epsilon,
+            "dp_delta": self.dp_delta,
         }
 
 

@@ -101,7 +101,8 @@ class BudgetExhausted(RuntimeError):
 
 
 def effective_epsilon(site: float | None, server: float | None) -> float | None:
-    """The epsilon a site uses: the smaller of its own and the server's (either may be None)."""
+    """The epsilon a site uses: the smaller of its own and the server's (either may be None);
+    also how a site caps the server's delta."""
     given = [e for e in (site, server) if e is not None]
     return min(given) if given else None
 
@@ -146,7 +147,7 @@ def noisy_release(
     blocks = 2 + (1 if with_entropy else 0) + (1 if s.observed is not None else 0)
     share = rho / blocks
     counts = s.counts + rng.normal(0.0, gaussian_sigma(1.0, share), size=G)
-    counts = np.maximum(counts, 0.0)
+    counts = np.clip(counts, 0.0, float(s.n_rows))
     sums = s.sums + rng.normal(0.0, gaussian_sigma(math.sqrt(D), share), size=s.sums.shape)
     observed = s.observed
     if observed is not None:
@@ -166,14 +167,18 @@ def noisy_release(
     sums[z] = 0.0
     if observed is not None:
         observed = np.where(keep[:, None], observed, 0.0)
-    return replace(s, counts=counts, sums=sums, entropy=entropy, observed=observed)
+    noisy = replace(s, counts=counts, sums=sums, entropy=entropy, observed=observed)
+    return apply_floor(noisy, floor)
 
 
-def noisy_counts(counts: np.ndarray, rho: float, rng: np.random.Generator) -> np.ndarray:
+def noisy_counts(
+    counts: np.ndarray, rho: float, rng: np.random.Generator, n_rows: int | None = None
+) -> np.ndarray:
     """Label counts (one row changes one count by 1) with Gaussian noise at ``rho``-zCDP,
-    rounded and clamped at 0."""
+    rounded and clamped to ``[0, n_rows]``."""
     noisy = counts + rng.normal(0.0, gaussian_sigma(1.0, rho), size=counts.shape)
-    return np.maximum(np.rint(noisy), 0).astype(np.int64)
+    top = np.inf if n_rows is None else n_rows
+    return np.clip(np.rint(noisy), 0, top).astype(np.int64)
 
 
 def suppress_counts(counts: np.ndarray, floor: int, marker: int = -1) -> np.ndarray:

@@ -147,6 +147,7 @@ class Request:
     mapping: np.ndarray | None = None
     sim_paths: dict[str, Any] | None = None
     secagg_scale: float | None = None
+    variable_order: tuple[str, ...] | None = None
 
 
 def encode_request(
@@ -159,10 +160,13 @@ def encode_request(
     mapping: np.ndarray | None = None,
     sim_paths: Mapping[str, Any] | None = None,
     secagg_scale: float | None = None,
+    variable_order=None,
 ) -> tuple[list[np.ndarray], dict[str, Any]]:
     """``(arrays, config)`` of a round: the phase, every setting, the posterior (refine,
-    label), the site's local-to-global map (map labelling) and, for the simulation's own sites
-    only, the paths they read and write."""
+    label), the site's local-to-global map (map labelling), the agreed order of the variables
+    (their name hashes, :func:`variable_hashes`: a site whose columns come in another order
+    aligns them by name) and, for the simulation's own sites only, the paths they read and
+    write."""
     phase = Phase(phase)
     config: dict[str, Any] = {K_PROTOCOL: PROTOCOL_VERSION, K_PHASE: phase.value, K_SEED: seed}
     config.update(encode_settings(spec, "model"))
@@ -182,6 +186,8 @@ def encode_request(
             config[key] = json.dumps(list(value)) if key == "sim.data_paths" else str(value)
     if secagg_scale is not None:
         config["secagg.scale"] = float(secagg_scale)
+    if variable_order is not None:
+        config["schema.variable_order"] = json.dumps(list(variable_order))
     return arrays, config
 
 
@@ -197,7 +203,17 @@ def decode_request(arrays, config: Mapping[str, Any]) -> Request:
         phase = Phase(config.get(K_PHASE))
     except ValueError:
         raise ProtocolError(f"unknown phase {config.get(K_PHASE)!r}") from None
-    known = ("model.", "fit.", "server.", "posterior.", "sim.", "secagg.", "label.", "fedvi.")
+    known = (
+        "model.",
+        "fit.",
+        "server.",
+        "posterior.",
+        "sim.",
+        "secagg.",
+        "label.",
+        "fedvi.",
+        "schema.",
+    )
     stray = sorted(k for k in config if not k.startswith(known))
     if stray:
         raise ProtocolError(f"unknown round-config keys {stray}")
@@ -222,6 +238,12 @@ def decode_request(arrays, config: Mapping[str, Any]) -> Request:
         except (json.JSONDecodeError, TypeError):
             raise ProtocolError("sim.data_paths is not a JSON list") from None
     scale = config.get("secagg.scale")
+    order = None
+    if "schema.variable_order" in config:
+        try:
+            order = tuple(str(h) for h in json.loads(str(config["schema.variable_order"])))
+        except (json.JSONDecodeError, TypeError):
+            raise ProtocolError("schema.variable_order is not a JSON list") from None
     return Request(
         phase=phase,
         spec=decode_settings(MixtureSpec, config, "model"),
@@ -232,6 +254,7 @@ def decode_request(arrays, config: Mapping[str, Any]) -> Request:
         mapping=mapping,
         sim_paths=sim or None,
         secagg_scale=None if scale is None else float(scale),
+        variable_order=order,
     )
 
 

@@ -128,8 +128,10 @@ class FedMerDel(Strategy):
         super().__init__()
         self.spec, self.fit, self.server, self.options = spec, fit, server, options
         self.expected = tuple(sorted(int(s) for s in expected_sites))
+        if resume is not None:  # the model's own sites are already in it
+            self.expected = tuple(s for s in self.expected if s not in resume.site_ids)
         if not self.expected:
-            raise ValueError("no expected sites")
+            raise ValueError("no expected sites (besides those already in the resumed model)")
         self.min_sites = len(self.expected) if options.min_sites is None else options.min_sites
         if self.min_sites > len(self.expected):
             raise ValueError(
@@ -159,6 +161,7 @@ class FedMerDel(Strategy):
         self.node_site: dict[str, int] = {}
         self.preflights: dict[int, Preflight] = {}
         self.agreed_spec: MixtureSpec | None = None
+        self.variable_order: tuple[str, ...] | None = None
         self.posterior: Summaries | None = None
         self.fixed: dict[int, Summaries] = {}
         self.membership: np.ndarray | None = None
@@ -185,11 +188,19 @@ class FedMerDel(Strategy):
         return self.phases[server_round - 1]
 
     def secure_round(self, server_round: int) -> bool:
-        """Whether this round's replies are summed with SecAgg+ (refine and label rounds)."""
-        return self.options.secure_aggregation and self.phase(server_round) in (
-            Phase.REFINE,
-            Phase.LABEL,
-        )
+        """Whether this round's replies are summed with SecAgg+: refine and label rounds, when
+        at least two sites take part (SecAgg+ cannot sum one site's arrays: a label round with
+        one site left runs plain, its counts floored as always, and says so)."""
+        phase = self.phase(server_round)
+        if not self.options.secure_aggregation or phase not in (Phase.REFINE, Phase.LABEL):
+            return False
+        if len(self.participants(phase)) < 2:
+            self.result.notes.append(
+                f"round {server_round} ({phase.value}) ran without secure aggregation: fewer "
+                "than 2 sites take part"
+            )
+            return False
+        return True
 
     # --- timeouts -----------------------------------------------------------------------------
     def timeout_for(self, phase: Phase) -> float:
@@ -234,6 +245,7 @@ class FedMerDel(Strategy):
             mapping=mapping,
             sim_paths=self.sim_paths,
             secagg_scale=scale,
+            variable_order=None if phase is Phase.PREFLIGHT else self.variable_order,
         )
         return FitIns(ndarrays_to_parameters(arrays), config)
 
@@ -326,8 +338,15 @@ class FedMerDel(Strategy):
         return [s for s in ok if self._allows(s, "allow_labels")]
 
     def _allows(self, site: int, rule: str) -> bool:
+        """Whether a site's policy (as it reported it in pre-flight) lets it answer a round:
+        a site that requires secure aggregation answers refine and label rounds only when
+        the run uses it."""
         pre = self.preflights.get(site)
-        return bool(pre.policy.get(rule, True)) if pre is not None else True
+        if pre is None:
+            return True
+        if pre.policy.get("require_secure_aggregation") and not self.options.secure_aggregation:
+            return False
+        return bool(pre.policy.get(rule, True))
 
     def aggregate_fit(
         self,
@@ -587,17 +606,29 @@ class FedMerDel(Strategy):
         ok = sorted(s for s, r in self.result.sites.items() if r.status == "ok")
         if not ok:
             return
+        if ref.variable_hashes is not None and model.feature_names is None:
+            self.variable_order = tuple(ref.variable_hashes)
         spec = self.resume.spec if self.resume is not None else self.spec
         if spec.resolved:
             self.agreed_spec = spec
             return
         if spec.likelihood == "categorical" and spec.n_levels is None:
-            levels = np.max([self.preflights[s].levels for s in ok], axis=0)
+            levels = np.max([self._levels_in_order(self.preflights[s], ref) for s in ok], axis=0)
         elif isinstance(spec.n_levels, int):
             levels = np.full(self.preflights[ok[0]].n_features, spec.n_levels)
         else:
             levels = np.full(self.preflights[ok[0]].n_features, 2)
         self.agreed_spec = spec.resolve(levels, spec.feature_names)
+
+    @staticmethod
+    def _levels_in_order(pre: Preflight, ref: Preflight) -> np.ndarray:
+        """A site's levels per variable, in the reference's order of variables (matched by
+        name hash when the tables have names; by position otherwise)."""
+        levels = np.asarray(pre.levels)
+        if pre.variable_hashes is None or ref.variable_hashes is None:
+            return levels
+        where = {h: i for i, h in enumerate(pre.variable_hashes)}
+        return levels[[where[h] for h in ref.variable_hashes]]
 
     def _aggregate_local(self, answers, server_round) -> None:
         sites, summaries = [], []

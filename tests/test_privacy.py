@@ -304,3 +304,43 @@ def test_replies_carry_only_summaries(site, resolved):
         assert all(np.asarray(a).ndim == 0 or np.asarray(a).shape[0] != 60 for a in arrays)
         text = json.dumps(metrics)
         no_leak(text, path, path.parent, "codes.csv")
+
+
+def test_node_config_errors_stay_on_the_site(tmp_path):
+    from flwr.app import Context
+
+    from fedvi.flower.client import make_client_fn
+
+    client_fn = make_client_fn()
+    bad = {
+        "partition-id": 3,
+        "data-path": str(tmp_path / "secret_dir" / "x.csv"),
+        "min-cluster-size": 0,
+    }
+    with pytest.raises(SiteError) as err:
+        client_fn(Context(run_id=1, node_id=7, node_config=bad, state=RecordDict(), run_config={}))
+    text = str(err.value)
+    assert parse_site_error(text)[:2] == (3, "setup")
+    assert "node config is not valid" in text
+    no_leak(text, "secret_dir", "min_cluster_size")
+
+
+def test_refinement_floors_observed_counts_too(tmp_path):
+    """With missing cells, a variable observed in fewer rows than the floor is released as
+    not observed in every phase (local and refinement)."""
+    sim = simulate(200, 2, 6, seed=1)
+    X = sim.X.astype(float)
+    X[:, 5] = np.nan
+    X[:3, 5] = 1.0  # variable 5 observed in 3 rows only
+    path = tmp_path / "codes.npy"
+    np.save(path, X)
+    client = FedviClient({"partition-id": 3, "data-path": str(path), "min-cluster-size": 10})
+    spec = fedvi.MixtureSpec(n_components=4, missing="ignore")
+    arrays, _, metrics = ask(client, "local", spec=spec)
+    post = decode_summaries(arrays, metrics, "summaries")
+    assert (post.observed[:, 5] == 0).all() and post.column_observed[5] == 0
+    arrays, n, _ = ask(client, "refine", spec=post.spec, posterior=post)
+    stats = decode_refine(arrays, post, n)
+    assert (stats.observed[:, 5] == 0).all() and (stats.sums[:, 5] == 0).all()
+    released = stats.counts > 0
+    assert (stats.observed[released][:, :5] >= 10).all()

@@ -87,6 +87,7 @@ VALUES = {
         "allow_labels": (False, "false"),
         "require_secure_aggregation": (True, "true"),
         "dp_epsilon": (4.0, "4.0"),
+        "dp_delta": (1e-7, "1e-7"),
         "data_path": ("/data/site.csv", "/data/site.csv"),
         "label_column": ("y", "y"),
         "output_dir": ("/data/out", "/data/out"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 pytest.importorskip("flwr")
@@ -275,3 +276,44 @@ def test_ndarrays_of_a_reply_are_exactly_the_summaries(tmp_path):
         got = strategy.result.sites[b].summaries
         for a, e in zip(got.to_arrays(), ref.summaries.to_arrays(), strict=True):
             np.testing.assert_array_equal(a, e)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "categorical"])
+def test_columns_in_another_order_are_matched_by_name(tmp_path, likelihood):
+    """Pre-flight takes the first site's order of variables as the run's; a site whose
+    columns come in another order aligns them by name (it gets the order as name hashes)."""
+    tables = sites(likelihood)
+    names = [f"v{d}" for d in range(15)]
+    paths, frames = [], []
+    for b, X in enumerate(tables):
+        order = list(range(15))[::-1] if b == 1 else list(range(15))
+        paths.append(tmp_path / f"site{b}.npz")
+        np.savez(paths[-1], X=X[:, order], feature_names=np.array([names[j] for j in order]))
+        frames.append(pd.DataFrame(X, columns=names))
+    spec = fedvi.MixtureSpec(likelihood, n_components=12)
+    strategy = run_protocol(make_strategy(paths, tmp_path, spec=spec), proxies_for(3))
+    o = strategy.result
+    assert o.status == "completed" and not o.failures
+    ref = fedvi.federated_fit(frames, likelihood, n_components=12, seed=7)
+    assert o.n_clusters == ref.n_clusters
+    assert o.elbo == pytest.approx(ref.elbo, rel=1e-10)
+    assert o.spec.feature_names == tuple(names)
+
+
+def test_a_site_requiring_secure_aggregation_is_not_asked_in_a_plain_run(tmp_path):
+    tables = sites()
+    paths = write_sites(tmp_path, tables)
+    strict = fedvi.SitePolicy(allow_server_paths=True, require_secure_aggregation=True)
+    proxies = proxies_for(3, policies=[None, strict, None])
+    strategy = run_protocol(make_strategy(paths, tmp_path), proxies)
+    o = strategy.result
+    assert o.status == "completed" and not o.failures
+    assert proxies[1].rounds == 2  # pre-flight and its local fit only
+    assert o.sites[1].counts is None
+    # Its one-shot statistics stay in every refinement round, as a site that does not refine.
+    quiet = fedvi.SitePolicy(allow_refine=False, allow_labels=False)
+    ref = fedvi.federated_fit(
+        tables, n_components=12, seed=7, policy=[fedvi.SitePolicy(), quiet, fedvi.SitePolicy()]
+    )
+    assert o.elbo == pytest.approx(ref.elbo, rel=1e-10)
+    assert o.elbo_history == pytest.approx(ref.elbo_history, rel=1e-10)

@@ -21,6 +21,7 @@ row number).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -154,7 +155,18 @@ class FedviClient(NumPyClient):
             missing=spec.missing,
             cache_dir=self.cache_dir(req),
         )
+        if req.variable_order is not None and spec.feature_names is None:
+            spec = dataclasses.replace(spec, feature_names=self._ordered(t, req.variable_order))
         return encode_site(t, spec, min_rows=1, source=self.name)
+
+    def _ordered(self, table, order) -> tuple[str, ...]:
+        """This table's variable names in the run's agreed order (given as name hashes)."""
+        if table.feature_names is None:
+            raise PolicyRefusal("schema", "the run matches variables by name; this table has none")
+        by_hash = dict(zip(variable_hashes(table.feature_names), table.feature_names, strict=True))
+        if set(by_hash) != set(order):
+            raise PolicyRefusal("schema", "this table's variables differ from the agreed ones")
+        return tuple(by_hash[h] for h in order)
 
     # --- NumPyClient ------------------------------------------------------------------------
     def get_properties(self, config):
@@ -255,7 +267,8 @@ class FedviClient(NumPyClient):
         if self.state is not None and _PRIVACY in self.state.config_records:
             saved = json.loads(str(self.state.config_records[_PRIVACY]["json"]))
             return Accountant.from_dict(saved)
-        return Accountant(eps, req.server.dp_delta, req.server.refine_rounds + 1)
+        delta = effective_epsilon(self.policy.dp_delta, req.server.dp_delta)
+        return Accountant(eps, delta, req.server.refine_rounds + 1)
 
     def _save_accountant(self, acc: Accountant | None) -> dict:
         if acc is None:
@@ -289,11 +302,7 @@ class FedviClient(NumPyClient):
             stats = noisy_release(stats, acc.spend(), self._rng(req, acc), floor)
         arrays = encode_refine(stats)
         extra = self._save_accountant(acc)
-        return (
-            self._secure(arrays, req, secure),
-            data.n_rows,
-            {"refine.n_rows": data.n_rows, **extra},
-        )
+        return self._secure(arrays, req, secure), data.n_rows, extra
 
     def _label(self, req: Request, secure: bool):
         data = self._aggregate_round(req, secure, "allow-labels", self.policy.allow_labels)
@@ -309,9 +318,10 @@ class FedviClient(NumPyClient):
         counts = label_counts(labels, posterior.n_clusters)
         acc = self._accountant(req)
         if acc is not None:
-            counts = noisy_counts(counts, acc.spend(), self._rng(req, acc))
+            counts = noisy_counts(counts, acc.spend(), self._rng(req, acc), data.n_rows)
         shown = suppress_counts(counts, self._floor(req), marker=0 if secure else -1)
-        extra = {"label.n_suppressed": int(((counts > 0) & (shown <= 0)).sum())}
+        # Under secure aggregation the server sees only the sum: no per-site scalar about it.
+        extra = {} if secure else {"label.n_suppressed": int(((counts > 0) & (shown <= 0)).sum())}
         extra.update(self._save_accountant(acc))
         arrays = [shown.astype(np.float64 if secure else np.int64)]
         return self._secure(arrays, req, secure), data.n_rows, extra
@@ -363,20 +373,38 @@ def secagg_mod(msg, ctxt, call_next):
     return secaggplus_mod(msg, ctxt, call_next)
 
 
-def make_client_app(policy_for=None, partition_offset: int = 0) -> ClientApp:
-    """A ``ClientApp``; ``policy_for(partition_id) -> SitePolicy`` replaces the node config's
-    policy (the simulation's built-in sites use it to opt in to server-sent paths), and
-    ``partition_offset`` shifts the simulation's partition ids (sites added to a model)."""
+def make_client_fn(policy_for=None, partition_offset: int = 0):
+    """``client_fn(context)`` of the site's ClientApp: ``policy_for(partition_id) ->
+    SitePolicy`` replaces the node config's policy (the simulation's built-in sites use it to
+    opt in to server-sent paths), and ``partition_offset`` shifts the simulation's partition
+    ids (sites added to a model)."""
 
     def client_fn(context: Context):
+        """The site's client from its node config (a config error stays on the site)."""
         node_config = dict(context.node_config)
-        node_config["partition-id"] = int(node_config["partition-id"]) + partition_offset
-        policy = None
-        if policy_for is not None:
-            policy = policy_for(node_config["partition-id"])
-        return FedviClient(node_config, context.state, policy).to_client()
+        try:
+            node_config["partition-id"] = int(node_config["partition-id"]) + partition_offset
+            policy = None
+            if policy_for is not None:
+                policy = policy_for(node_config["partition-id"])
+            return FedviClient(node_config, context.state, policy).to_client()
+        except Exception as exc:  # the site's own configuration: details stay in its log
+            log(ERROR, "the node config is not valid", exc_info=exc)
+            pid = node_config.get("partition-id")
+            raise SiteError(
+                site_error_message(
+                    pid if isinstance(pid, int) else None,
+                    "setup",
+                    "the site's node config is not valid; details are in the site's log",
+                )
+            ) from None
 
-    return ClientApp(client_fn=client_fn, mods=[secagg_mod])
+    return client_fn
+
+
+def make_client_app(policy_for=None, partition_offset: int = 0) -> ClientApp:
+    """The site's ``ClientApp`` (see :func:`make_client_fn`), with :func:`secagg_mod`."""
+    return ClientApp(client_fn=make_client_fn(policy_for, partition_offset), mods=[secagg_mod])
 
 
 #: The deployed site's app (``[tool.flwr.app.components] clientapp``): policy from the node config.
