@@ -15,7 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from fedvi.io import SiteTable, read_table
-from fedvi.simulate import simulate, split_sites
+from fedvi.simulate import add_missing, simulate, split_sites
 
 
 class SiteData(NamedTuple):
@@ -59,7 +59,13 @@ def load_simulated(cfg) -> SiteData:
         raise ValueError(
             f"split {fed.split!r} left sites {empty} without rows; use fewer sites or more rows"
         )
-    return SiteData([sim.X[p] for p in parts], [sim.z[p] for p in parts], None)
+    X = sim.X
+    rate = float(_get(d, "missing_rate", 0.0) or 0.0)
+    if rate > 0:
+        # Cells missing at random (data.missing_mechanism: mcar | cluster), as NaN; fit with
+        # model.missing=ignore.
+        X = add_missing(X, sim.z, rate, str(_get(d, "missing_mechanism", "mcar")), seed=seed)
+    return SiteData([X[p] for p in parts], [sim.z[p] for p in parts], None)
 
 
 def load_files(cfg) -> SiteData:
