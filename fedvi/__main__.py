@@ -36,7 +36,7 @@ def _write(path: str, labels: np.ndarray) -> str:
 
 def label(args) -> int:
     from fedvi.data import DataError, encode
-    from fedvi.io import DataFileError, read_table
+    from fedvi.io import read_table
     from fedvi.labels import label_rows
     from fedvi.model import ModelFileError, load_model
 
@@ -47,7 +47,7 @@ def label(args) -> int:
             spec = dataclasses.replace(spec, missing=args.missing)
         table = read_table(args.data, label_column=args.label_column, missing=spec.missing)
         data = encode(table, spec, source=args.data)
-    except (ModelFileError, DataFileError, DataError, OSError) as exc:
+    except (ModelFileError, DataError, OSError) as exc:  # a file's DataFileError is a DataError
         print(f"fedvi label: {exc}", file=sys.stderr)
         return 2
     t = time.perf_counter()

@@ -31,11 +31,15 @@ CHECK_BLOCK = 65536
 
 class DataError(ValueError):
     """A table cannot be used as it is; ``kind`` says which kind of problem (for reports that
-    must not carry the details), the message says exactly where."""
+    must not carry the details), the message says exactly where. A file's problems are a
+    :class:`fedvi.io.DataFileError`, a subclass."""
 
     def __init__(self, message: str, kind: str = "bad-value"):
         super().__init__(message)
         self.kind = kind
+
+    def __reduce__(self):
+        return type(self), (str(self), self.kind)
 
 
 def _where(source: str | None) -> str:

@@ -52,6 +52,8 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from fedvi.data import MAX_CODE, DataError
+
 #: File extensions :func:`read_table` reads and :func:`write_table` writes.
 FORMATS = (".csv", ".parquet", ".npy", ".npz")
 #: The values of :attr:`DataFileError.kind`.
@@ -65,8 +67,6 @@ KINDS = (
     "label-column",
     "shape",
 )
-#: Largest category code (codes are stored as ``int16``).
-MAX_CODE = 32767
 #: CSV cells read as missing (after stripping blanks).
 NULL_TOKENS = ("", "NA", "N/A", "NaN", "nan", "NULL", "null")
 #: Bumped when the cache layout or the parsing rules change (part of the cache key).
@@ -88,7 +88,7 @@ _MISSING_HINT = (
 )
 
 
-class DataFileError(ValueError):
+class DataFileError(DataError):
     """A site's data file cannot be read as a table of 0/1 or integer codes.
 
     ``kind`` (one of :data:`KINDS`) is the category of the failure, safe to report to a server;
@@ -98,8 +98,7 @@ class DataFileError(ValueError):
     def __init__(self, message: str, kind: str = "unreadable"):
         if kind not in KINDS:
             raise ValueError(f"unknown DataFileError kind {kind!r}; expected one of {KINDS}")
-        super().__init__(message)
-        self.kind = kind
+        super().__init__(message, kind)
 
     def __reduce__(self):
         return type(self), (str(self), self.kind)

@@ -38,7 +38,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from fedvi import secagg
 from fedvi.data import DataError
 from fedvi.federated import check_request, site_fit_options, site_seed
-from fedvi.io import DataFileError, open_table, write_labels
+from fedvi.io import open_table, write_labels
 from fedvi.labels import label_counts, label_rows, map_labels, refinement_stats
 from fedvi.policy import PolicyRefusal, SitePolicy, check_posterior
 from fedvi.privacy import (
@@ -82,7 +82,7 @@ def safe_reason(exc: BaseException) -> str:
     when that text could hold the site's data."""
     if isinstance(exc, PolicyRefusal):
         return str(exc)  # built from rule names and numbers only
-    if isinstance(exc, (DataError, DataFileError)):
+    if isinstance(exc, DataError):  # a DataFileError too
         kind = getattr(exc, "kind", "bad-value")
         return f"the site's table failed validation ({kind}); details are in the site's log"
     if isinstance(exc, (InvalidSetting, ProtocolError)):
