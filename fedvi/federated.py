@@ -171,15 +171,22 @@ def federated_fit(
         check_request(spec, p)
     spec, encoded = shared_spec(tables, spec)
     result = FederatedResult(label_mode=server.label_mode)
+    fits = _fit_sites(result, encoded, spec, policies, ids, fit, server, seed)
+    merged = global_merge([f.summaries for f in fits], server.merge_mode, site_ids=ids)
+    _finish(result, merged, fits, encoded, policies, ids, server, fit, seed)
+    return result
+
+
+def _fit_sites(result, encoded, spec, policies, ids, fit, server, seed) -> list:
+    """Each site's local fit under its own policy (floor, hardware); fills its report."""
     fits = []
     for b, (data, p) in enumerate(zip(encoded, policies, strict=True)):
-        floor = p.floor(server.min_cluster_size)
         f = fit_site(
             data,
             spec,
             site_fit_options(fit, p),
             site_seed(seed, ids[b]),
-            floor,
+            p.floor(server.min_cluster_size),
             source=f"site {ids[b]}",
         )
         fits.append(f)
@@ -191,9 +198,7 @@ def federated_fit(
             converged=f.trace.converged,
             uplink_bytes={"local": f.summaries.nbytes()},
         )
-    merged = global_merge([f.summaries for f in fits], server.merge_mode, site_ids=ids)
-    _finish(result, merged, fits, encoded, policies, ids, server, fit, seed)
-    return result
+    return fits
 
 
 def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, fit, seed):
@@ -306,26 +311,7 @@ def extend(
         check_request(spec, p)
     encoded = [encode(X, spec, source=f"site {s}") for X, s in zip(tables, ids, strict=True)]
     result = FederatedResult(label_mode="posterior")
-    fits = []
-    for b, (data, p) in enumerate(zip(encoded, policies, strict=True)):
-        floor = p.floor(server.min_cluster_size)
-        f = fit_site(
-            data,
-            spec,
-            site_fit_options(fit, p),
-            site_seed(seed, ids[b]),
-            floor,
-            source=f"site {ids[b]}",
-        )
-        fits.append(f)
-        result.sites[ids[b]] = SiteReport(
-            site=ids[b],
-            n_rows=data.n_rows,
-            summaries=f.summaries,
-            n_iter=f.trace.n_iter,
-            converged=f.trace.converged,
-            uplink_bytes={"local": f.summaries.nbytes()},
-        )
+    fits = _fit_sites(result, encoded, spec, policies, ids, fit, server, seed)
     merged = global_merge(
         [f.summaries for f in fits],
         server.merge_mode,

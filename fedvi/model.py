@@ -127,7 +127,7 @@ class FittedModel:
         arrays = dict(zip(ARRAY_FIELDS, p.to_arrays(), strict=True))
         arrays["membership"] = self.membership.astype(np.bool_)
         arrays["site_ids"] = np.asarray(self.site_ids, dtype=np.int64)
-        arrays["meta"] = np.array(json.dumps(meta, default=_json_default))
+        arrays["meta"] = np.array(json.dumps(meta, default=json_default))
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp.npz"
         np.savez(tmp, **arrays)
@@ -135,7 +135,8 @@ class FittedModel:
         return path
 
 
-def _json_default(v):
+def json_default(v):
+    """``json.dumps(..., default=json_default)``: NumPy scalars and arrays as plain values."""
     if isinstance(v, np.generic):
         return v.item()
     if isinstance(v, np.ndarray):

@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from fedvi.metrics import adjusted_rand_index, normalized_mutual_info
+from fedvi.model import json_default
 from fedvi.result import FederatedResult
 
 #: Exit codes of a run (``python -m simulations.run``, ``python -m strategies.submit``).
@@ -208,14 +209,6 @@ def write_outputs(
     res["files"] = files
     tmp = os.path.join(out_dir, "results.json.tmp")
     with open(tmp, "w") as fh:
-        json.dump(res, fh, indent=2, default=_json_default)
+        json.dump(res, fh, indent=2, default=json_default)
     os.replace(tmp, os.path.join(out_dir, "results.json"))
     return res
-
-
-def _json_default(v):
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    raise TypeError(f"not JSON serialisable: {type(v)}")
