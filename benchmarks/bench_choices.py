@@ -6,8 +6,9 @@ labelling mode. Prints one table per choice, averaged over seeds.
 1. Move schedule (``moves=``): "merdel" (ours: every pair with a positive summary-only gain
    per sweep) vs "paper" (one merge + one delete proposal every 5 iterations) vs "none".
 2. Delete candidate: smallest cluster first vs largest first.
-3. Labels after the global merge: "posterior" (local step under the global posterior) vs
-   "map" (global id of the local arg-max), on skewed splits.
+3. Labels after the one-shot global merge (``refine_rounds=0``: "map" labels need it):
+   "posterior" (local step under the global posterior) vs "map" (global id of the local
+   arg-max), on skewed splits.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def delete_rule(seeds: list[int]) -> None:
 
 
 def labelling(seeds: list[int]) -> None:
-    print("\n3. labelling after the global merge (sim4 design, 5 sites)")
+    print("\n3. labelling after the one-shot global merge (sim4 design, 5 sites, no refinement)")
     print(f"{'split':>10} {'labels':>10} {'ARI':>7} {'K':>5}")
     for split in ("iid", "dirichlet", "exclusive"):
         out = {"posterior": [], "map": []}
@@ -96,7 +97,11 @@ def labelling(seeds: list[int]) -> None:
             z = np.concatenate([data.z[p] for p in parts])
             for mode in out:
                 r = fedvi.federated_fit(
-                    [data.X[p] for p in parts], n_components=15, labels=mode, seed=seed
+                    [data.X[p] for p in parts],
+                    n_components=15,
+                    label_mode=mode,
+                    refine_rounds=0,
+                    seed=seed,
                 )
                 out[mode].append((adjusted_rand_index(z, np.concatenate(r.labels)), r.n_clusters))
         for mode, r in out.items():

@@ -158,10 +158,17 @@ class EncodedData:
         missing cells, the rows observed per variable."""
         T = np.zeros(self.n_columns)
         obs = np.zeros(self.n_features) if self.has_missing else None
-        for _, _, X, mask in self.blocks(CHECK_BLOCK):
-            T += np.asarray(X.sum(axis=0)).ravel()
-            if mask is not None:
-                obs += mask.sum(axis=0)
+        for start in range(0, self.n_rows, CHECK_BLOCK):
+            v = self.values[start : start + CHECK_BLOCK]
+            if self.sparse:
+                T += np.asarray(v.sum(axis=0)).ravel()
+            elif self.likelihood == "bernoulli":  # counted on the codes: no float copy
+                T += (v == 1).sum(axis=0)
+                if obs is not None:
+                    obs += (v >= 0).sum(axis=0)
+            else:
+                cols = v.astype(np.int64) + self.offsets[None, :]
+                T += np.bincount(cols[v >= 0], minlength=self.n_columns)
         if obs is not None and self.likelihood == "categorical":
             obs = np.add.reduceat(T, self.offsets)
         return T, obs

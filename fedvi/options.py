@@ -62,7 +62,7 @@ class FitOptions:
         Pattern(r"cpu|cuda(:[0-9]+)?", "'cpu', 'cuda' or 'cuda:<index>'"),
     )
     block_rows: int = setting(
-        16384,
+        8192,
         "rows per block when a pass streams the table (memory grows with it, not with N)",
         Interval(int, 64),
     )

@@ -92,7 +92,11 @@ def run_federation(
         "sim.label_column": label_column,
         "sim.output_dir": os.path.join(run_dir, "labels"),
     }
-    strategy = build_strategy(settings, sim_paths=sim_paths, resume=resume)
+    resources = backend_config(settings.federation)
+    slots = max(
+        1, int(resources["init_args"]["num_cpus"] // resources["client_resources"]["num_cpus"])
+    )
+    strategy = build_strategy(settings, sim_paths=sim_paths, resume=resume, site_slots=slots)
     # The simulation's own sites accept the paths above; a deployed site never does.
     site_policy = dataclasses.replace(settings.site, allow_server_paths=True)
     client_app = make_client_app(lambda pid: site_policy, partition_offset=offset)
@@ -111,7 +115,7 @@ def run_federation(
         server_app=server_app,
         client_app=client_app,
         num_supernodes=n,
-        backend_config=backend_config(settings.federation),
+        backend_config=resources,
     )
     if strategy.result.status not in ("completed", "completed_with_failures"):
         strategy.result.status = "failed"

@@ -110,7 +110,9 @@ class FedMerDel(Strategy):
     server's own (:class:`StrategyOptions`). expected_sites: partition ids of the sites to use.
     seed: seed of the run (site ``b`` fits with ``seed + b``). sim_paths: the simulation's own
     site files (only sites that opt in accept them). resume: a model to extend with new sites.
-    on_complete: called with :attr:`result` after labelling.
+    on_complete: called with :attr:`result` after labelling. site_slots: how many sites
+    compute at once (a simulation's CPU slots; ``None``: every site on its own machine), which
+    stretches the derived timeouts.
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class FedMerDel(Strategy):
         sim_paths: dict | None = None,
         resume: FittedModel | None = None,
         on_complete: Callable[[FederatedResult], None] | None = None,
+        site_slots: int | None = None,
     ):
         super().__init__()
         self.spec, self.fit, self.server, self.options = spec, fit, server, options
@@ -141,6 +144,7 @@ class FedMerDel(Strategy):
         self.sim_paths = sim_paths
         self.resume = resume
         self.on_complete = on_complete
+        self.site_slots = site_slots
         if resume is not None:
             self.spec = resume.spec
             server = dataclasses.replace(server, refine_rounds=0)
@@ -211,9 +215,12 @@ class FedMerDel(Strategy):
         if self.options.round_timeout is not None:
             return self.options.round_timeout
         cells = max((p.n_rows * p.n_features for p in self.preflights.values()), default=1e6)
+        waves = 1
+        if self.site_slots:  # sites take turns for the CPU slots of a simulation
+            waves = -(-max(len(self.preflights), 1) // self.site_slots)
         if phase is Phase.LOCAL:
-            return 120.0 + 3e-6 * cells
-        return 60.0 + 5e-7 * cells
+            return 120.0 + 3e-6 * cells * waves
+        return 60.0 + 5e-7 * cells * waves
 
     # --- Strategy API ---------------------------------------------------------------------
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:

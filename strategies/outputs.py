@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from fedvi.metrics import adjusted_rand_index, normalized_mutual_info
+from fedvi.metrics import agreement
 from fedvi.model import json_default
 from fedvi.result import FederatedResult
 
@@ -102,8 +102,7 @@ def results_dict(
         pred = np.concatenate([np.asarray(x) for x in labels])
         true = np.concatenate([np.asarray(t) for t in truth])
         if len(pred) == len(true):
-            res["ari"] = adjusted_rand_index(true, pred)
-            res["nmi"] = normalized_mutual_info(true, pred)
+            res["ari"], res["nmi"] = agreement(true, pred)
     return res
 
 

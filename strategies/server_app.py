@@ -37,7 +37,9 @@ class RunFailed(RuntimeError):
     """The run did not complete (the reason is in ``results.json``)."""
 
 
-def build_strategy(settings: RunSettings, sim_paths=None, resume=None, on_complete=None):
+def build_strategy(
+    settings: RunSettings, sim_paths=None, resume=None, on_complete=None, site_slots=None
+):
     """The FedMerDel strategy of a run's settings."""
     return FedMerDel(
         settings.spec,
@@ -49,6 +51,7 @@ def build_strategy(settings: RunSettings, sim_paths=None, resume=None, on_comple
         sim_paths=sim_paths,
         resume=resume,
         on_complete=on_complete,
+        site_slots=site_slots,
     )
 
 
