@@ -60,6 +60,7 @@ def secagg_run(overrides, seed: int, out: str):
         f"strategy.refine_rounds={ROUNDS}",
         "plots=false",
         "strategy.secure_aggregation=true",
+        "hydra.mode=RUN",  # a sweeping preset (categorical) runs its one job here
         f"hydra.run.dir={out}",
     ]
     proc = subprocess.run(
