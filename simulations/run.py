@@ -29,6 +29,7 @@ from strategies.outputs import exit_code, write_outputs
 from strategies.server_app import build_strategy
 
 log = logging.getLogger("fedvi")
+TRACE = logging.getLogger("fedvi.trace")
 register()
 
 
@@ -55,7 +56,11 @@ class _ConsoleLines(logging.Filter):
         text = record.getMessage()
         if "deprecated" in text.lower():
             return False
-        return text.startswith("fedvi") or record.levelno >= logging.WARNING
+        if text.startswith("fedvi"):
+            return True
+        # A site's failure reaches the console as fedvi's one line; Flower's (and Ray's)
+        # multi-line tracebacks of it stay in run.log.
+        return record.levelno >= logging.WARNING and "\n" not in text and "Traceback" not in text
 
 
 def _quiet_flower(run_dir: str) -> None:
@@ -64,8 +69,11 @@ def _quiet_flower(run_dir: str) -> None:
     for h in flwr.handlers:
         h.addFilter(_ConsoleLines())
     fh = logging.FileHandler(os.path.join(run_dir, "run.log"))
-    fh.setFormatter(logging.Formatter("[%(asctime)s][flwr][%(levelname)s] - %(message)s"))
+    fh.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     flwr.addHandler(fh)
+    # Tracebacks go to run.log only; the console gets the one-line reason.
+    TRACE.propagate = False
+    TRACE.addHandler(fh)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
@@ -109,7 +117,7 @@ def run_federation(
         except Exception as exc:  # reported in results.json and the exit status
             strategy.result.status = "failed"
             strategy.result.error = strategy.result.error or f"{type(exc).__name__}: {exc}"
-            log.debug("the run failed", exc_info=exc)
+            TRACE.error("the run failed", exc_info=exc)
 
     run_simulation(
         server_app=server_app,

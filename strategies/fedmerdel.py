@@ -273,7 +273,7 @@ class FedMerDel(Strategy):
         seconds, with a progress line every 10 s."""
         n = len(self.expected)
         deadline = time.monotonic() + self.options.wait_for_sites
-        last = 0.0
+        last = time.monotonic()  # the first progress line after 10 s of waiting
         while True:
             nodes = client_manager.all()
             if len(nodes) >= n or time.monotonic() >= deadline:
