@@ -203,7 +203,7 @@ def score(result: MethodResult, truth: np.ndarray | None) -> MethodResult:
 
 # -- comparators: each returns (labels, k_found or None, uplink bytes or None, note) ----------
 @dataclass
-class Problem:
+class Study:
     """What every comparator sees: the sites, the pooled table and the model settings."""
 
     sites: list
@@ -253,7 +253,7 @@ def run_settings(cfg: Any, variable_selection: bool | None = None):
     return s
 
 
-def fit_fedmerdel_core(p: Problem, variable_selection: bool | None = None):
+def fit_fedmerdel_core(p: Study, variable_selection: bool | None = None):
     """:func:`fedvi.federated_fit` with the run's model, fit, server and site settings."""
     import fedvi
     from fedvi.settings import as_dict
@@ -273,7 +273,7 @@ def fit_fedmerdel_core(p: Problem, variable_selection: bool | None = None):
     return np.concatenate(res.labels), res.n_clusters, int(sum(res.uplink_bytes)), note
 
 
-def fit_merdel_central(p: Problem, variable_selection: bool | None = None):
+def fit_merdel_central(p: Study, variable_selection: bool | None = None):
     """:class:`fedvi.MixtureVI` (MerDel) on the pooled rows: the centralised reference."""
     import fedvi
     from fedvi.settings import as_dict
@@ -286,7 +286,7 @@ def fit_merdel_central(p: Problem, variable_selection: bool | None = None):
     return m.labels_, m.n_clusters_, None, note
 
 
-def _stepmix(p: Problem, measurement: str, name: str):
+def _stepmix(p: Study, measurement: str, name: str):
     """StepMix (latent class analysis by EM) with the true K on ``p.X``, options from
     ``comparator_options.<name>``; returns its labels and a note."""
     try:
@@ -320,14 +320,14 @@ def _stepmix(p: Problem, measurement: str, name: str):
     return labels, note
 
 
-def fit_stepmix(p: Problem):
+def fit_stepmix(p: Study):
     """Latent class analysis (EM) with the true K (``stepmix.StepMix``) on the pooled rows."""
     measurement = "binary" if p.likelihood == "bernoulli" else "categorical"
     labels, note = _stepmix(p, measurement, "stepmix")
     return labels, None, None, note
 
 
-def fit_stepmix_nan(p: Problem):
+def fit_stepmix_nan(p: Study):
     """StepMix's missing-value latent class model with the true K on the pooled rows.
 
     Measurement ``binary_nan`` (Bernoulli) or ``categorical_nan`` (categorical, 0-based integer
@@ -342,7 +342,7 @@ def fit_stepmix_nan(p: Problem):
     return labels, None, None, f"{note}; {p.missing_fraction:.1%} of cells missing"
 
 
-def fit_kmodes(p: Problem):
+def fit_kmodes(p: Study):
     """k-modes (Huang initialisation) with the true K on the pooled rows (``kmodes``)."""
     try:
         from kmodes.kmodes import KModes
@@ -354,7 +354,7 @@ def fit_kmodes(p: Problem):
     return np.asarray(km.labels_), None, None, note
 
 
-def fit_kfed(p: Problem):
+def fit_kfed(p: Study):
     """k-FED-style one-shot federated clustering (Dennis, Li & Smith, ICML 2021).
 
     Each site runs k-means (scikit-learn, k-means++ init) with ``k_local`` centres (default the
@@ -404,7 +404,7 @@ def fit_kfed(p: Problem):
 
 
 #: name -> fitting function (``fedmerdel`` is read from the run's results instead).
-FITTERS: dict[str, Callable[[Problem], tuple]] = {
+FITTERS: dict[str, Callable[[Study], tuple]] = {
     "fedmerdel_core": fit_fedmerdel_core,
     "merdel_central": fit_merdel_central,
     "fedmerdel_plain": partial(fit_fedmerdel_core, variable_selection=False),
@@ -435,7 +435,7 @@ def flower_row(results: Mapping[str, Any] | None, n_rows: int, n_sites: int) -> 
     return r
 
 
-def run_method(name: str, p: Problem, truth: np.ndarray | None) -> MethodResult:
+def run_method(name: str, p: Study, truth: np.ndarray | None) -> MethodResult:
     """Fit one comparator, time it and score it; never raises (the status says what failed)."""
     r = MethodResult(name, k_true=p.k_true, n_rows=len(p.X), n_sites=len(p.sites))
     if name in NEEDS_K and p.k_true is None:
@@ -486,7 +486,7 @@ def compare(
     n_levels = _plain(_get(cfg, "model.n_levels", None))
     if likelihood == "categorical" and n_levels is None:
         n_levels = levels_of(X)
-    p = Problem(
+    p = Study(
         sites,
         X,
         likelihood,

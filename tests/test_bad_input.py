@@ -194,3 +194,58 @@ def test_global_merge_refuses_mismatched_sites():
         fedvi.global_merge([a, b])
     with pytest.raises(fedvi.SchemaMismatchError, match="site 1 has a different data schema"):
         fedvi.global_merge([a, c])
+
+
+# -- the other entry points: a config (the strategy's) and the wire (the site's) -------------
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.n_components=0", r"n_components=0 is not allowed"),
+        ("strategy.refine_rounds=-2", r"refine_rounds=-2 is not allowed"),
+        ("strategy.min_cluster_size=0", r"min_cluster_size=0 is not allowed"),
+        ("site.max_components=0", r"max_components=0 is not allowed"),
+        ("federation.site_ids=[1,1]", r"site_ids=\[1, 1\] is not allowed"),
+        ("seed=1.5", r"seed=1.5 is not allowed"),
+    ],
+)
+def test_config_values_are_checked_by_the_dataclasses(override, message):
+    pytest.importorskip("hydra")
+    from strategies.config import RunSettings, compose_config
+
+    with pytest.raises(ValueError, match=message):
+        RunSettings.from_cfg(compose_config("config", [override]))
+
+
+def test_a_scalar_n_levels_in_the_config_is_one_level_count_per_variable():
+    pytest.importorskip("hydra")
+    from strategies.config import RunSettings, compose_config
+
+    s = RunSettings.from_cfg(compose_config("config", ["model=categorical", "model.n_levels=3"]))
+    X = np.random.default_rng(1).integers(0, 3, size=(200, 4))
+    m = fedvi.MixtureVI(**{**s.spec.to_dict(), "n_components": 4}).fit(X)
+    assert m.spec_.n_levels == (3, 3, 3, 3)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("model.n_components", 0, r"invalid request: n_components=0 is not allowed"),
+        ("fit.moves", "sometimes", r"invalid request: moves='sometimes' is not allowed"),
+        ("server.min_cluster_size", -1, r"invalid request: min_cluster_size=-1 is not allowed"),
+        ("model.bogus", 1, r"invalid request: unknown setting 'model.bogus'"),
+        ("fedvi.phase", "exfiltrate", r"phase unknown: invalid request: unknown phase"),
+    ],
+)
+def test_the_site_checks_every_value_it_receives(tmp_path, key, value, message):
+    pytest.importorskip("flwr")
+    from fedvi.flower.client import FedviClient
+    from fedvi.protocol import SiteError, encode_request
+
+    np.save(tmp_path / "x.npy", GOOD)
+    client = FedviClient({"partition-id": 0, "data-path": str(tmp_path / "x.npy")})
+    arrays, config = encode_request(
+        "local", fedvi.MixtureSpec(), fedvi.FitOptions(), fedvi.ServerOptions(), 0
+    )
+    config[key] = value
+    with pytest.raises(SiteError, match=message):
+        client.fit(arrays, config)

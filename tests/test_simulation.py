@@ -131,6 +131,29 @@ def test_secure_aggregation_gives_the_plain_runs_clusters(tmp_path):
     assert len(secure["elbo_history"]) == len(plain["elbo_history"]) == 4
     np.testing.assert_allclose(secure["elbo_history"], plain["elbo_history"], rtol=1e-9)
     assert secure["ari"] == plain["ari"]
+    # The plain run's model file labels a site's table from the command line with the labels
+    # that run wrote on the site (posterior labels).
+    out = tmp_path / "relabel.csv"
+    label = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedvi",
+            "label",
+            "--model",
+            str(tmp_path / "plain" / "model.npz"),
+            "--data",
+            str(tmp_path / "plain" / "site_data" / "site1.npy"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert label.returncode == 0, label.stderr
+    run_labels = read_labels(tmp_path / "plain" / "labels" / "labels_site1.csv")
+    np.testing.assert_array_equal(read_labels(out), run_labels)
     # The server saw only the total label counts, not each site's.
     assert all(s["counts"] is None for s in secure["sites"].values())
     totals = np.sum([s["counts"] for s in plain["sites"].values()], axis=0)
