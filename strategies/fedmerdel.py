@@ -33,6 +33,7 @@ from flwr.common import (
     EvaluateRes,
     FitIns,
     FitRes,
+    GetPropertiesIns,
     Parameters,
     Scalar,
     ndarrays_to_parameters,
@@ -51,6 +52,7 @@ from fedvi.model import FittedModel
 from fedvi.options import FitOptions, ServerOptions
 from fedvi.protocol import (
     K_SECONDS,
+    K_SITE,
     Phase,
     Preflight,
     ProtocolError,
@@ -270,27 +272,41 @@ class FedMerDel(Strategy):
 
     def wait_for_sites(self, client_manager: ClientManager) -> None:
         """Wait until as many nodes as expected sites are connected, or ``wait_for_sites``
-        seconds, with a progress line every 10 s."""
+        seconds. Every 10 s of waiting, a progress line says which sites are connected (each
+        new node is asked its partition id once) and which are missing."""
         n = len(self.expected)
         deadline = time.monotonic() + self.options.wait_for_sites
         last = time.monotonic()  # the first progress line after 10 s of waiting
+        known: dict[str, int | None] = {}
         while True:
             nodes = client_manager.all()
             if len(nodes) >= n or time.monotonic() >= deadline:
                 break
             if time.monotonic() - last >= 10:
+                for cid, proxy in nodes.items():
+                    if cid not in known:
+                        known[cid] = self._identify(proxy)
+                present = {s: cid for cid, s in known.items() if s is not None and cid in nodes}
                 log(
                     INFO,
-                    "fedvi: waiting for %d sites: %d nodes connected %s (up to %.0f s more)",
-                    n,
-                    len(nodes),
-                    sorted(nodes),
+                    "fedvi: waiting for sites: connected %s; missing %s (up to %.0f s more)",
+                    ", ".join(f"site {s} (node {c})" for s, c in sorted(present.items())) or "none",
+                    [s for s in self.expected if s not in present],
                     deadline - time.monotonic(),
                 )
                 last = time.monotonic()
             client_manager.wait_for(
                 len(nodes) + 1, timeout=min(10, max(1, deadline - time.monotonic()))
             )
+
+    @staticmethod
+    def _identify(proxy: ClientProxy) -> int | None:
+        """The partition id a node says it has (for progress lines only; pre-flight decides)."""
+        try:
+            res = proxy.get_properties(GetPropertiesIns({}), timeout=30, group_id=None)
+            return int(res.properties[K_SITE])
+        except Exception:  # a node that cannot say: shown by node id only
+            return None
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager

@@ -11,6 +11,7 @@ from flwr.app import RecordDict
 from flwr.common import (
     Code,
     FitRes,
+    GetPropertiesRes,
     Parameters,
     Status,
     ndarrays_to_parameters,
@@ -46,7 +47,7 @@ class LocalProxy(ClientProxy):
         return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), n, metrics)
 
     def get_properties(self, ins, timeout, group_id):
-        raise NotImplementedError
+        return GetPropertiesRes(Status(Code.OK, ""), self.client.get_properties(ins.config))
 
     def get_parameters(self, ins, timeout, group_id):
         raise NotImplementedError

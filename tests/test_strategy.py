@@ -317,3 +317,34 @@ def test_a_site_requiring_secure_aggregation_is_not_asked_in_a_plain_run(tmp_pat
     )
     assert o.elbo == pytest.approx(ref.elbo, rel=1e-10)
     assert o.elbo_history == pytest.approx(ref.elbo_history, rel=1e-10)
+
+
+def test_waiting_names_the_connected_and_the_missing_sites(tmp_path):
+    """A site that connects late: while waiting, a progress line every 10 s says which sites
+    are connected (by partition id and node) and which are missing; the run then goes on."""
+    import logging
+    import threading
+
+    tables = sites()
+    paths = write_sites(tmp_path, tables)
+    proxies = proxies_for(3)
+    strategy = make_strategy(paths, tmp_path, options=StrategyOptions(wait_for_sites=60))
+    manager = SimpleClientManager()
+    for p in proxies[:2]:
+        manager.register(p)
+    late = threading.Timer(13, manager.register, args=(proxies[2],))
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("flwr").addHandler(handler)
+    try:
+        late.start()
+        from flwr.server import Server
+
+        Server(client_manager=manager, strategy=strategy).fit(strategy.num_rounds, timeout=None)
+    finally:
+        late.cancel()
+        logging.getLogger("flwr").removeHandler(handler)
+    waiting = [x for x in lines if x.startswith("fedvi: waiting for sites")]
+    assert waiting and "connected site 0 (node 1000), site 1 (node 1001); missing [2]" in waiting[0]
+    assert strategy.result.status == "completed" and sorted(strategy.result.sites) == [0, 1, 2]
