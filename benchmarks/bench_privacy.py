@@ -61,6 +61,7 @@ def secagg_run(overrides, seed: int, out: str):
         "plots=false",
         "strategy.secure_aggregation=true",
         "hydra.mode=RUN",  # a sweeping preset (categorical) runs its one job here
+        "comparators=null",
         f"hydra.run.dir={out}",
     ]
     proc = subprocess.run(
