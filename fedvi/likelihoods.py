@@ -78,8 +78,9 @@ class Bernoulli:
         return A / (A + B)
 
     def relevance_data_term(self, S, N, T, n_obs, c=None, O=None) -> np.ndarray:
-        """``(D,)``: ``sum_k E log p(x | phi_k) - log p(x | phi0)`` over observed cells (SPEC
-        §8, §10); ``T (D,)`` column totals, ``n_obs`` observed rows per variable."""
+        """``(D,)``: ``sum_k E log p(x | phi_k) - log p(x | phi0)`` over observed cells
+        (docs/method.md, variable selection); ``T (D,)`` column totals, ``n_obs`` observed rows
+        per variable."""
         A, B = self._posterior(S, N, c, O)
         dab = digamma(A + B)
         fit = (S * (digamma(A) - dab) + (self.observed(S, N, O) - S) * (digamma(B) - dab)).sum(

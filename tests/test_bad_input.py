@@ -209,7 +209,7 @@ def test_global_merge_refuses_mismatched_sites():
     ],
 )
 def test_config_values_are_checked_by_the_dataclasses(override, message):
-    pytest.importorskip("hydra")
+    pytest.importorskip("hydra", reason="Hydra configs: pip install -e .[app]")
     from strategies.config import RunSettings, compose_config
 
     with pytest.raises(ValueError, match=message):
@@ -217,7 +217,7 @@ def test_config_values_are_checked_by_the_dataclasses(override, message):
 
 
 def test_a_scalar_n_levels_in_the_config_is_one_level_count_per_variable():
-    pytest.importorskip("hydra")
+    pytest.importorskip("hydra", reason="Hydra configs: pip install -e .[app]")
     from strategies.config import RunSettings, compose_config
 
     s = RunSettings.from_cfg(compose_config("config", ["model=categorical", "model.n_levels=3"]))
@@ -237,7 +237,7 @@ def test_a_scalar_n_levels_in_the_config_is_one_level_count_per_variable():
     ],
 )
 def test_the_site_checks_every_value_it_receives(tmp_path, key, value, message):
-    pytest.importorskip("flwr")
+    pytest.importorskip("flwr", reason="the Flower layer: pip install -e .[app]")
     from fedvi.flower.client import FedviClient
     from fedvi.protocol import SiteError, encode_request
 

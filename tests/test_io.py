@@ -24,8 +24,6 @@ from fedvi.io import (
 )
 from simulations.data import SOURCES, load_sites, write_site_files
 
-pytest.importorskip("pyarrow")
-
 
 def _raises(path, kind, *parts, **kwargs):
     """Read ``path`` expecting a DataFileError of ``kind`` whose message holds every part."""
@@ -313,8 +311,9 @@ def test_parquet_round_trip_with_missing_and_labels(tmp_path):
 
 
 def test_parquet_bad_values(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     path = tmp_path / "p.parquet"
     cases = [
         (pa.array([0.0, 0.5]), "row 2, column 'b' (#2): value 0.5 is not an integer"),

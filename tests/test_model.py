@@ -100,7 +100,7 @@ def test_label_command_refuses_another_schema(fitted, tmp_path):
 
 # -- adding a site later ------------------------------------------------------------------
 def _preset_sites(overrides):
-    pytest.importorskip("hydra")
+    pytest.importorskip("hydra", reason="Hydra configs: pip install -e .[app]")
     from simulations.data import load_sites
     from strategies.config import RunSettings, compose_config
 

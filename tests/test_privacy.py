@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-pytest.importorskip("flwr")
+pytest.importorskip("flwr", reason="the Flower layer: pip install -e .[app]")
 
 from flwr.app import RecordDict  # noqa: E402
 from flwr.app.message_type import MessageType  # noqa: E402

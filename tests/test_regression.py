@@ -19,7 +19,7 @@ import hashlib
 import numpy as np
 import pytest
 
-pytest.importorskip("hydra")
+pytest.importorskip("hydra", reason="Hydra configs: pip install -e .[app]")
 
 import fedvi  # noqa: E402
 from fedvi.metrics import adjusted_rand_index  # noqa: E402

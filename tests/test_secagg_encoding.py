@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-pytest.importorskip("flwr")
+pytest.importorskip("flwr", reason="the Flower layer: pip install -e .[app]")
 
 from flwr.common.secure_aggregation.ndarrays_arithmetic import (  # noqa: E402
     factor_combine,

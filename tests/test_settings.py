@@ -14,8 +14,8 @@ import json
 import numpy as np
 import pytest
 
-pytest.importorskip("hydra")
-pytest.importorskip("flwr")
+pytest.importorskip("hydra", reason="Hydra configs: pip install -e .[app]")
+pytest.importorskip("flwr", reason="the Flower layer: pip install -e .[app]")
 
 import fedvi  # noqa: E402
 import fedvi.flower.client as client_module  # noqa: E402

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("flwr")
-pytest.importorskip("hydra")
+pytest.importorskip("flwr", reason="the Flower layer: pip install -e .[app]")
+pytest.importorskip("hydra", reason="Hydra configs: pip install -e .[app]")
 
 import fedvi  # noqa: E402
 from fedvi.io import read_labels  # noqa: E402

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-pytest.importorskip("flwr")
+pytest.importorskip("flwr", reason="the Flower layer: pip install -e .[app]")
 
 from flower_local import (  # noqa: E402
     LocalProxy,

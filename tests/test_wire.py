@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("flwr")
+pytest.importorskip("flwr", reason="the Flower layer: pip install -e .[app]")
 
 from flower_local import site_client  # noqa: E402
 
