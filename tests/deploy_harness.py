@@ -1,7 +1,7 @@
 """Helpers for deployment tests: real ``flower-superlink`` / ``flower-supernode`` processes.
 
 Imported by the deployment tests; holds no tests. Checked against flwr 1.42.0 (see
-``tests/DEPLOYMENT_NOTES.md`` for what was verified and how long things take).
+docs/deployment.md for what was verified and how long things take).
 
 - ``free_port`` / ``port_open`` / ``wait_port``: ports chosen at run time (never 8000 or
   9094, Flower's defaults).
