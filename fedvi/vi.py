@@ -255,11 +255,9 @@ def run_pass(
                 out.entropy += entropy
         else:
             logits = np.asarray(X @ W.T, dtype=np.float64)
-            if source.E0 is not None:
+            if source.E0 is not None:  # missing cells: each row's own observed variables
                 logits += np.asarray(mask @ source.E0.T.astype(dtype), dtype=np.float64)
-                logits += source.bias
-            else:
-                logits += source.bias
+            logits += source.bias
             r, log_r = _block_resp(logits, source)
             if stats:
                 out.counts += r.sum(axis=0)
