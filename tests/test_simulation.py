@@ -70,6 +70,13 @@ def check_run_dir(run_dir: Path, overrides: list[str]) -> dict:
     return results
 
 
+def label_cli(model: Path, data: Path, out: Path) -> None:
+    """Label a site's table with ``python -m fedvi label``, as a site would after a run."""
+    cmd = [sys.executable, "-m", "fedvi", "label", "--model", str(model), "--data", str(data)]
+    label = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert label.returncode == 0, label.stderr
+
+
 def test_default_style_run_matches_federated_fit(tmp_path):
     overrides = [
         "+experiment=small",
@@ -98,24 +105,7 @@ def test_default_style_run_matches_federated_fit(tmp_path):
     # The model file of the run labels a site's table from the command line, on the site.
     site0 = tmp_path / "site_data" / "site0.npy"
     out = tmp_path / "relabel.csv"
-    label = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedvi",
-            "label",
-            "--model",
-            str(tmp_path / "model.npz"),
-            "--data",
-            str(site0),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert label.returncode == 0, label.stderr
+    label_cli(tmp_path / "model.npz", site0, out)
     posterior_labels = fedvi.load_model(tmp_path / "model.npz").predict(np.load(site0))
     np.testing.assert_array_equal(read_labels(out), posterior_labels)
 
@@ -134,24 +124,7 @@ def test_secure_aggregation_gives_the_plain_runs_clusters(tmp_path):
     # The plain run's model file labels a site's table from the command line with the labels
     # that run wrote on the site (posterior labels).
     out = tmp_path / "relabel.csv"
-    label = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedvi",
-            "label",
-            "--model",
-            str(tmp_path / "plain" / "model.npz"),
-            "--data",
-            str(tmp_path / "plain" / "site_data" / "site1.npy"),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert label.returncode == 0, label.stderr
+    label_cli(tmp_path / "plain" / "model.npz", tmp_path / "plain" / "site_data" / "site1.npy", out)
     run_labels = read_labels(tmp_path / "plain" / "labels" / "labels_site1.csv")
     np.testing.assert_array_equal(read_labels(out), run_labels)
     # The server saw only the total label counts, not each site's.
