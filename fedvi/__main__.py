@@ -37,7 +37,7 @@ def _write(path: str, labels: np.ndarray) -> str:
 def label(args) -> int:
     from fedvi.data import DataError, encode
     from fedvi.io import read_table
-    from fedvi.labels import label_rows
+    from fedvi.labels import label_counts, label_rows
     from fedvi.model import ModelFileError, load_model
 
     try:
@@ -53,7 +53,7 @@ def label(args) -> int:
     t = time.perf_counter()
     labels = label_rows(data, model.posterior)
     out = _write(args.out, labels)
-    used = np.bincount(labels, minlength=model.n_clusters)
+    used = label_counts(labels, model.n_clusters)
     print(
         f"fedvi label: {len(labels)} rows of {args.data} labelled with the {model.n_clusters} "
         f"clusters of {args.model} in {time.perf_counter() - t:.2f} s "

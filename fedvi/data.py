@@ -279,15 +279,17 @@ def _compact_codes(
     is_float = np.issubdtype(arr.dtype, np.floating)
     if np.issubdtype(arr.dtype, np.bool_):
         return arr.view(np.int8), False
-    # Fast path: an int8 table already holding valid codes is used as it is (no copy).
+    # Fast path: an int8 (or, for codes above 127, int16) table already holding valid codes,
+    # as :mod:`fedvi.io` writes them, is used as it is (no copy).
     lo_allowed = -1 if missing_code else 0
-    if arr.dtype == np.int8:
+    int16_codes = arr.dtype == np.int16 and likelihood == "categorical"
+    if arr.dtype == np.int8 or int16_codes:
         lo, hi = int(arr.min()), int(arr.max())
-        if lo >= lo_allowed and (likelihood == "categorical" or hi <= 1):
+        if lo >= lo_allowed and (likelihood == "categorical" or hi <= 1) and hi <= MAX_CODE:
             has_missing = lo < 0
             if has_missing and missing == "error":
                 _raise_missing(arr < 0, names, where)
-            return arr, has_missing
+            return (arr.astype(np.int8, copy=False) if hi <= 127 else arr), has_missing
     out = None
     has_missing = False
     for start in range(0, N, CHECK_BLOCK):

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from fedvi.data import MAX_CODE, DataError
+from fedvi.data import MAX_CODE, DataError, describe_column
 
 #: File extensions :func:`read_table` reads and :func:`write_table` writes.
 FORMATS = (".csv", ".parquet", ".npy", ".npz")
@@ -100,9 +100,6 @@ class DataFileError(DataError):
             raise ValueError(f"unknown DataFileError kind {kind!r}; expected one of {KINDS}")
         super().__init__(message, kind)
 
-    def __reduce__(self):
-        return type(self), (str(self), self.kind)
-
 
 @dataclass(frozen=True)
 class SiteTable:
@@ -139,10 +136,6 @@ def _need(module: str):
         raise ImportError(
             "fedvi.io needs pyarrow to read and write .csv and .parquet files: pip install pyarrow"
         ) from exc
-
-
-def _column(name: str | None, pos: int) -> str:
-    return f"column {name!r} (#{pos})" if name is not None else f"column #{pos}"
 
 
 def _where(path: str, row: int, line: int | None = None) -> str:
@@ -723,7 +716,7 @@ def _csv_pass(path, names, feats, li, fast, ignore, sink, done: _CsvProgress):
             r = offset + bad + 1
             if invalid and invalid[0][0] - 1 <= r:
                 raise shape_error()
-            where = f"{_where(path, r, _csv_line_of_row(path, r))}, {_column(names[j], j + 1)}"
+            where = f"{_where(path, r, _csv_line_of_row(path, r))}, {describe_column(j, names)}"
             raise _value_error(where, value, is_missing)
         sink.add(_stack(columns, n))
         if li is not None:
@@ -761,7 +754,7 @@ def _read_parquet(path, label_column, ignore, sink):
                 batch.column(j),
                 ignore=ignore,
                 nan_missing=True,
-                describe=f"{path}: {_column(names[j], j + 1)}",
+                describe=f"{path}: {describe_column(j, names)}",
             )
             if bad >= 0 and (first is None or bad < first[0]):
                 first = (bad, j, is_missing, value)
@@ -769,7 +762,7 @@ def _read_parquet(path, label_column, ignore, sink):
                 columns.append(codes)
         if first is not None:
             bad, j, is_missing, value = first
-            where = f"{_where(path, offset + bad + 1)}, {_column(names[j], j + 1)}"
+            where = f"{_where(path, offset + bad + 1)}, {describe_column(j, names)}"
             raise _value_error(where, value, is_missing)
         sink.add(_stack(columns, n))
         if li is not None:
@@ -813,8 +806,7 @@ def _encode_array(a, path, names, ignore, sink, in_place: bool):
             )
             if bad >= 0:
                 i, j = divmod(bad, d)
-                name = names[j] if names is not None else None
-                where = f"{_where(path, start + i + 1)}, {_column(name, j + 1)}"
+                where = f"{_where(path, start + i + 1)}, {describe_column(j, names)}"
                 raise _value_error(where, block[i, j].item(), is_missing)
             hi = max(hi, h)
             if emit:
@@ -902,7 +894,7 @@ def _read_sparse(path, label_column):
         cols = X.indices[ks]
         k = int(np.lexsort((cols, rows))[0])
         raise DataFileError(
-            f"{_where(path, int(rows[k]) + 1)}, {_column(None, int(cols[k]) + 1)}: value "
+            f"{_where(path, int(rows[k]) + 1)}, {describe_column(int(cols[k]), None)}: value "
             f"{X.data[ks[k]].item()!r} is not 0/1 (sparse input must be binary)",
             kind="bad-value",
         )
@@ -1336,13 +1328,17 @@ def write_table(
 def write_labels(path: str | os.PathLike, labels: np.ndarray) -> str:
     """Write ``(N,)`` global cluster ids as a CSV (``row,cluster``); returns the path."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as fh:
-        fh.write("row,cluster\n")
-        for i, k in enumerate(np.asarray(labels).tolist()):
-            fh.write(f"{i},{k}\n")
-    os.replace(tmp, path)
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    pa, pcsv = _need("pyarrow"), _need("pyarrow.csv")
+    labels = np.asarray(labels, dtype=np.int64).ravel()
+    table = pa.table({"row": np.arange(len(labels)), "cluster": labels})
+
+    def write(fh):
+        fh.write(b"row,cluster\n")  # unquoted, as pyarrow would not write it
+        pcsv.write_csv(table, fh, pcsv.WriteOptions(include_header=False))
+
+    _atomic(directory, path, write)
     return path
 
 

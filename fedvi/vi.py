@@ -242,6 +242,7 @@ def run_pass(
     else:
         blocks = data.blocks(opts.block_rows, dtype)
     W = source.W.astype(dtype, copy=False)
+    E0t = None if source.E0 is None else source.E0.T.astype(dtype)
     for start, stop, X, mask in blocks:
         if X is None:  # the torch backend: the whole table at once, on its device
             r, counts, sums, entropy = problem.accel(source.W, source.bias)
@@ -255,8 +256,8 @@ def run_pass(
                 out.entropy += entropy
         else:
             logits = np.asarray(X @ W.T, dtype=np.float64)
-            if source.E0 is not None:  # missing cells: each row's own observed variables
-                logits += np.asarray(mask @ source.E0.T.astype(dtype), dtype=np.float64)
+            if E0t is not None:  # missing cells: each row's own observed variables
+                logits += np.asarray(mask @ E0t, dtype=np.float64)
             logits += source.bias
             r, log_r = _block_resp(logits, source)
             if stats:
