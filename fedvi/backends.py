@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 
-BACKENDS = ("numpy", "torch")
+from fedvi.options import BACKENDS
 
 
 def check_backend(backend: str, device: str = "cpu") -> None:

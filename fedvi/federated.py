@@ -17,17 +17,11 @@ import numpy as np
 from fedvi.data import EncodedData, encode, site_list
 from fedvi.elbo import elbo
 from fedvi.global_merge import GlobalMerge, global_merge
-from fedvi.labels import label_counts, label_rows, map_labels, refinement_stats
+from fedvi.labels import label_rows, map_labels, release_label_counts, release_refinement
 from fedvi.model import FittedModel
 from fedvi.options import FitOptions, ServerOptions
-from fedvi.policy import PolicyRefusal, SitePolicy
-from fedvi.privacy import (
-    Accountant,
-    effective_epsilon,
-    noisy_counts,
-    noisy_release,
-    suppress_counts,
-)
+from fedvi.policy import SitePolicy, check_request
+from fedvi.privacy import site_accountant
 from fedvi.protocol import encode_refine
 from fedvi.result import FederatedResult, SiteReport
 from fedvi.settings import numpydoc, split_options
@@ -52,15 +46,6 @@ def policies_for(policy, n_sites: int) -> list[SitePolicy]:
     if len(out) != n_sites or not all(isinstance(p, SitePolicy) for p in out):
         raise ValueError(f"policy: give one SitePolicy or a list of {n_sites} (one per site)")
     return out
-
-
-def check_request(spec: MixtureSpec, policy: SitePolicy) -> None:
-    """Refuse a model the site's policy does not allow (names the rule, not the data)."""
-    if spec.n_components > policy.max_components:
-        raise PolicyRefusal(
-            "max-components",
-            f"n_components={spec.n_components} exceeds this site's cap of {policy.max_components}",
-        )
 
 
 def site_fit_options(fit: FitOptions, policy: SitePolicy) -> FitOptions:
@@ -143,10 +128,6 @@ def _count_bytes(report: SiteReport, phase: str, arrays) -> None:
     report.uplink_bytes[phase] = report.uplink_bytes.get(phase, 0) + n
 
 
-def _dp_release(stats: Summaries, accountant: Accountant, floor: int, rng) -> Summaries:
-    return noisy_release(stats, accountant.spend(), rng, floor)
-
-
 def federated_fit(
     datasets,
     likelihood: str | None = None,
@@ -208,14 +189,7 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
         result.sites[s].mapping = merged.mapping[b]
     posterior = merged.posterior
     result.elbo_history = [merged.elbo_before, merged.elbo]
-    eps = [effective_epsilon(p.dp_epsilon, server.dp_epsilon) for p in policies]
-    releases = server.refine_rounds + 1
-    accountants = [
-        None
-        if e is None
-        else Accountant(e, effective_epsilon(p.dp_delta, server.dp_delta), releases)
-        for e, p in zip(eps, policies, strict=True)
-    ]
+    accountants = [site_accountant(p, server) for p in policies]
     rngs = [np.random.default_rng([0 if seed is None else seed, s, 7]) for s in ids]
     floors = [p.floor(server.min_cluster_size) for p in policies]
     takes_part = [p.allow_refine for p in policies]
@@ -233,11 +207,8 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
             if not takes_part[b]:
                 fixed.append(fixed_all[b])
                 continue
-            acc = accountants[b]
-            st = refinement_stats(
-                data, posterior, floors[b], site_fit_options(fit, policies[b]), acc is None
-            )
-            st = st if acc is None else _dp_release(st, acc, floors[b], rngs[b])
+            opts = site_fit_options(fit, policies[b])
+            st = release_refinement(data, posterior, floors[b], opts, accountants[b], rngs[b])
             stats.append(st)
             _count_bytes(result.sites[ids[b]], "refine", encode_refine(st))
         new, accepted, kept = combine_refinement(
@@ -265,10 +236,7 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
             labels = label_rows(data, posterior, site_fit_options(fit, policies[b]))
         rep.labels = labels
         if policies[b].allow_labels:
-            counts = label_counts(labels, G)
-            if accountants[b] is not None:
-                counts = noisy_counts(counts, accountants[b].spend(), rngs[b], data.n_rows)
-            rep.counts = suppress_counts(counts, floors[b])
+            rep.counts = release_label_counts(labels, G, floors[b], accountants[b], rngs[b])
             _count_bytes(rep, "label", [rep.counts])
         if accountants[b] is not None:
             rep.privacy = {

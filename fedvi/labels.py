@@ -11,7 +11,7 @@ import numpy as np
 
 from fedvi.data import EncodedData
 from fedvi.options import FitOptions
-from fedvi.privacy import apply_floor
+from fedvi.privacy import Accountant, apply_floor, noisy_counts, noisy_release, suppress_counts
 from fedvi.summaries import Summaries
 from fedvi.vi import Problem, run_pass, source_of
 
@@ -93,3 +93,36 @@ def refinement_stats(
 def label_counts(labels: np.ndarray, n_clusters: int) -> np.ndarray:
     """``(G,)`` rows per global cluster."""
     return np.bincount(labels, minlength=n_clusters).astype(np.int64)
+
+
+def release_refinement(
+    data: EncodedData,
+    posterior: Summaries,
+    floor: int,
+    options: FitOptions | None = None,
+    accountant: Accountant | None = None,
+    rng: np.random.Generator | None = None,
+) -> Summaries:
+    """What a site releases in a refinement round: its :func:`refinement_stats` under its
+    floor, or, with a privacy ``accountant``, the unrestricted statistics with noise (one
+    release of the budget) and the floor applied to the noisy counts."""
+    stats = refinement_stats(data, posterior, floor, options, restrict=accountant is None)
+    if accountant is None:
+        return stats
+    return noisy_release(stats, accountant.spend(), rng, floor)
+
+
+def release_label_counts(
+    labels: np.ndarray,
+    n_clusters: int,
+    floor: int,
+    accountant: Accountant | None = None,
+    rng: np.random.Generator | None = None,
+    marker: int = -1,
+) -> np.ndarray:
+    """``(G,)`` label counts as a site releases them: with noise under a privacy ``accountant``
+    (one release of the budget), then counts below the floor replaced by ``marker``."""
+    counts = label_counts(labels, n_clusters)
+    if accountant is not None:
+        counts = noisy_counts(counts, accountant.spend(), rng, len(labels))
+    return suppress_counts(counts, floor, marker)

@@ -167,11 +167,9 @@ def load_model(path: str | os.PathLike) -> FittedModel:
             raise ModelFileError(f"{path}: model file lacks arrays {missing}")
         posterior = Summaries.from_arrays(
             [archive[k] for k in ARRAY_FIELDS],
-            {
-                "spec": json.dumps(meta["spec"]),
-                "n_rows": meta["n_rows"],
-                "prior_dim": meta["prior_dim"],
-            },
+            MixtureSpec.from_dict(meta["spec"]),
+            meta["n_rows"],
+            meta["prior_dim"],
         )
         model = FittedModel(
             posterior,

@@ -15,6 +15,10 @@ MOVE_SCHEDULES = ("merdel", "paper", "none")
 BACKENDS = ("numpy", "torch")
 MERGE_MODES = ("best_first", "paper")
 LABEL_MODES = ("posterior", "map")
+#: Constraints shared with :class:`fedvi.SitePolicy` (which wraps them in ``Optional``).
+DEVICE = Pattern(r"cpu|cuda(:[0-9]+)?", "'cpu', 'cuda' or 'cuda:<index>'")
+EPSILON = Interval(float, 0, open_low=True)
+DELTA = Interval(float, 0, 1, True, True)
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class FitOptions:
     device: str = setting(
         "cpu",
         "torch device ('cpu', 'cuda', 'cuda:1'); 'cpu' with numpy",
-        Pattern(r"cpu|cuda(:[0-9]+)?", "'cpu', 'cuda' or 'cuda:<index>'"),
+        DEVICE,
     )
     block_rows: int = setting(
         8192,
@@ -114,11 +118,9 @@ class ServerOptions:
         None,
         "differential privacy of the aggregate rounds (refinement statistics and label counts): "
         "total epsilon per site over those rounds; None: no noise",
-        Optional(Interval(float, 0, open_low=True)),
+        Optional(EPSILON),
     )
-    dp_delta: float = setting(
-        1e-5, "delta of the (epsilon, delta) guarantee", Interval(float, 0, 1, True, True)
-    )
+    dp_delta: float = setting(1e-5, "delta of the (epsilon, delta) guarantee", DELTA)
 
     def __post_init__(self):
         check_fields(self)

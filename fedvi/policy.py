@@ -12,13 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from fedvi.options import BACKENDS, DELTA, DEVICE, EPSILON
 from fedvi.settings import (
     Boolean,
     Interval,
     InvalidSetting,
     OneOf,
     Optional,
-    Pattern,
     Text,
     check_fields,
     setting,
@@ -69,12 +69,12 @@ class SitePolicy:
         None,
         "this site adds Gaussian noise to its aggregate-round releases so that they are "
         "(epsilon, delta)-DP at this total epsilon or less, whatever the server asks",
-        Optional(Interval(float, 0, open_low=True)),
+        Optional(EPSILON),
     )
     dp_delta: float | None = setting(
         None,
         "largest delta of the (epsilon, delta) guarantee this site accepts; None: the server's",
-        Optional(Interval(float, 0, 1, True, True)),
+        Optional(DELTA),
     )
     data_path: str | None = setting(None, "the site's table (deployment)", Optional(Text()))
     label_column: str | None = setting(
@@ -96,12 +96,12 @@ class SitePolicy:
     backend: str | None = setting(
         None,
         "this site's compute backend ('numpy' or 'torch'); None: the run's",
-        Optional(OneOf("numpy", "torch")),
+        Optional(OneOf(*BACKENDS)),
     )
     device: str | None = setting(
         None,
         "this site's torch device; None: the run's",
-        Optional(Pattern(r"cpu|cuda(:[0-9]+)?", "'cpu', 'cuda' or 'cuda:<index>'")),
+        Optional(DEVICE),
     )
 
     def __post_init__(self):
@@ -142,6 +142,16 @@ class SitePolicy:
             "dp_epsilon": self.dp_epsilon,
             "dp_delta": self.dp_delta,
         }
+
+
+def check_request(spec, policy: SitePolicy) -> None:
+    """Refuse a model (a :class:`fedvi.MixtureSpec`) the site's policy does not allow (names
+    the rule, not the data)."""
+    if spec.n_components > policy.max_components:
+        raise PolicyRefusal(
+            "max-components",
+            f"n_components={spec.n_components} exceeds this site's cap of {policy.max_components}",
+        )
 
 
 def check_posterior(posterior, policy: SitePolicy) -> None:

@@ -22,10 +22,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fedvi.summaries import Summaries
+
+if TYPE_CHECKING:
+    from fedvi.options import ServerOptions
+    from fedvi.policy import SitePolicy
 
 
 def rho_for(epsilon: float, delta: float) -> float:
@@ -100,11 +105,20 @@ class BudgetExhausted(RuntimeError):
     """A release would exceed the site's privacy budget."""
 
 
-def effective_epsilon(site: float | None, server: float | None) -> float | None:
-    """The epsilon a site uses: the smaller of its own and the server's (either may be None);
-    also how a site caps the server's delta."""
+def tighter(site: float | None, server: float | None) -> float | None:
+    """The smaller of the site's and the server's epsilon (or delta); either may be None."""
     given = [e for e in (site, server) if e is not None]
     return min(given) if given else None
+
+
+def site_accountant(policy: SitePolicy, server: ServerOptions) -> Accountant | None:
+    """A site's budget for one run (``None`` without DP): the tighter of its own and the run's
+    ``(epsilon, delta)``, in equal shares over the ``refine_rounds`` refinement releases and the
+    label counts."""
+    eps = tighter(policy.dp_epsilon, server.dp_epsilon)
+    if eps is None:
+        return None
+    return Accountant(eps, tighter(policy.dp_delta, server.dp_delta), server.refine_rounds + 1)
 
 
 def apply_floor(s: Summaries, floor: int) -> Summaries:
@@ -136,15 +150,13 @@ def apply_floor(s: Summaries, floor: int) -> Summaries:
     return replace(s, sums=sums, observed=observed, column_totals=totals, column_observed=col_obs)
 
 
-def noisy_release(
-    s: Summaries, rho: float, rng: np.random.Generator, floor: int, with_entropy: bool = True
-) -> Summaries:
+def noisy_release(s: Summaries, rho: float, rng: np.random.Generator, floor: int) -> Summaries:
     """Gaussian noise on the per-cluster statistics of ``s`` at ``rho``-zCDP (equal shares per
     block), clamped to valid values, then the floor on the noisy counts (post-processing)."""
     fam = s.spec.family()
     D = fam.n_features
     G = s.n_clusters
-    blocks = 2 + (1 if with_entropy else 0) + (1 if s.observed is not None else 0)
+    blocks = 3 + (1 if s.observed is not None else 0)
     share = rho / blocks
     counts = s.counts + rng.normal(0.0, gaussian_sigma(1.0, share), size=G)
     counts = np.clip(counts, 0.0, float(s.n_rows))
@@ -155,12 +167,9 @@ def noisy_release(
         observed = np.clip(observed, 0.0, counts[:, None])
     limit = fam.observed(s.sums, counts, observed)[:, fam.block_index()]
     sums = np.clip(sums, 0.0, limit)
-    if with_entropy:
-        sens = math.log(max(G, 2))
-        entropy = s.entropy + rng.normal(0.0, gaussian_sigma(sens, share), size=G)
-        entropy = np.clip(entropy, 0.0, counts * sens)
-    else:
-        entropy = np.zeros(G)
+    sens = math.log(max(G, 2))
+    entropy = s.entropy + rng.normal(0.0, gaussian_sigma(sens, share), size=G)
+    entropy = np.clip(entropy, 0.0, counts * sens)
     keep = counts >= floor
     z = ~keep
     counts, entropy = np.where(keep, counts, 0.0), np.where(keep, entropy, 0.0)

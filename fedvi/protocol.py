@@ -123,12 +123,8 @@ def decode_summaries(arrays, config: Mapping[str, Any], prefix: str) -> Summarie
     if not spec.resolved:
         raise ProtocolError(f"{prefix}: the model's levels are missing")
     try:
-        meta = {
-            "n_rows": int(config[f"{prefix}.n_rows"]),
-            "prior_dim": int(config[f"{prefix}.prior_dim"]),
-            "spec": json.dumps(spec.to_dict()),
-        }
-        return Summaries.from_arrays(list(arrays), meta)
+        n_rows, prior_dim = int(config[f"{prefix}.n_rows"]), int(config[f"{prefix}.prior_dim"])
+        return Summaries.from_arrays(list(arrays), spec, n_rows, prior_dim)
     except (KeyError, ValueError, TypeError) as exc:
         raise ProtocolError(f"{prefix}: malformed statistics ({exc})") from None
 

@@ -219,12 +219,9 @@ class IntList(Constraint):
         return "None or a list of distinct integers >= 0"
 
 
-def setting(default: Any, doc: str, check: Constraint, **extra) -> Any:
-    """A dataclass field with its default, one-line ``doc`` and constraint ``check``.
-
-    ``extra`` metadata: ``wire=False`` keeps a field off the wire (local to where it is set).
-    """
-    return dataclasses.field(default=default, metadata={"doc": doc, "check": check, **extra})
+def setting(default: Any, doc: str, check: Constraint) -> Any:
+    """A dataclass field with its default, one-line ``doc`` and constraint ``check``."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "check": check})
 
 
 def check_value(owner: str, name: str, value: Any, constraint: Constraint) -> Any:
@@ -253,17 +250,6 @@ def check_fields(obj: Any, owner: str = "") -> None:
 
 def field_names(cls) -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(cls))
-
-
-def from_mapping(cls, values: Mapping[str, Any], where: str = ""):
-    """``cls(**values)`` after rejecting keys that are not fields of ``cls``."""
-    unknown = sorted(set(values) - set(field_names(cls)))
-    if unknown:
-        raise InvalidSetting(
-            f"unknown {where or cls.__name__} setting(s) {unknown}; "
-            f"allowed: {sorted(field_names(cls))}"
-        )
-    return cls(**dict(values))
 
 
 def split_options(options: Mapping[str, Any], classes: Sequence[type], where: str) -> list:

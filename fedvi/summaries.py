@@ -10,7 +10,6 @@ moves, the global merge, pooling and refinement all go through these.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -222,24 +221,16 @@ class Summaries:
             for name in ARRAY_FIELDS
         ]
 
-    def metadata(self) -> dict[str, str | int | float | bool]:
-        """Scalar metadata sent with the arrays (Flower metrics accept scalars only)."""
-        return {
-            "n_rows": int(self.n_rows),
-            "prior_dim": int(self.prior_dim),
-            "schema_hash": self.spec.schema_hash(),
-            "model_hash": self.spec.model_hash(),
-            "spec": json.dumps(self.spec.to_dict()),
-        }
-
     @classmethod
-    def from_arrays(cls, arrays: list[np.ndarray], metadata: dict) -> Summaries:
+    def from_arrays(
+        cls, arrays: list[np.ndarray], spec: MixtureSpec, n_rows: int, prior_dim: int
+    ) -> Summaries:
+        """Inverse of :meth:`to_arrays`, given the scalars that travel beside the arrays."""
         if len(arrays) != len(ARRAY_FIELDS):
             raise ValueError(
                 f"expected {len(ARRAY_FIELDS)} arrays {ARRAY_FIELDS}, got {len(arrays)}"
             )
         a = dict(zip(ARRAY_FIELDS, (np.asarray(x, dtype=np.float64) for x in arrays), strict=True))
-        spec = MixtureSpec.from_dict(json.loads(str(metadata["spec"])))
         K = len(a["counts"])
         D = spec.n_features
         return cls(
@@ -247,8 +238,8 @@ class Summaries:
             sums=a["sums"].reshape(K, -1),
             entropy=a["entropy"],
             column_totals=a["column_totals"],
-            n_rows=int(metadata["n_rows"]),
-            prior_dim=int(metadata["prior_dim"]),
+            n_rows=int(n_rows),
+            prior_dim=int(prior_dim),
             spec=spec,
             relevance=a["relevance"] if a["relevance"].size else None,
             observed=a["observed"].reshape(K, D) if a["observed"].size else None,

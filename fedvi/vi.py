@@ -13,7 +13,7 @@ with the number of rows.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -109,6 +109,18 @@ class Source:
     def subset(self, keep) -> Source:
         eye = np.eye(self.n_clusters)[:, keep]
         return self.then(eye)
+
+    def to_arrays(self) -> list[np.ndarray]:
+        """``[W, bias, merge]`` (the identity when none), then ``E0`` if any: what a site keeps
+        between rounds to label its rows through its own local fit."""
+        merge = np.eye(self.W.shape[0]) if self.merge is None else self.merge
+        return [self.W, self.bias, merge] + ([] if self.E0 is None else [self.E0])
+
+    @classmethod
+    def from_arrays(cls, arrays: Sequence[np.ndarray]) -> Source:
+        """Inverse of :meth:`to_arrays`."""
+        W, bias, merge = arrays[:3]
+        return cls(W, bias, arrays[3] if len(arrays) > 3 else None, merge)
 
 
 @dataclass(frozen=True)

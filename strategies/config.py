@@ -22,7 +22,7 @@ from typing import Any
 
 from fedvi.options import FitOptions, ServerOptions
 from fedvi.policy import SitePolicy
-from fedvi.settings import InvalidSetting, from_mapping
+from fedvi.settings import InvalidSetting, split_options
 from fedvi.spec import MixtureSpec
 from strategies.options import FederationOptions, StrategyOptions
 
@@ -93,16 +93,7 @@ def _plain(node) -> dict:
 
 def group_settings(cfg, group: str) -> list:
     """One instance of each dataclass of ``group`` from ``cfg.<group>`` (checked)."""
-    values = _plain(cfg.get(group))
-    out = []
-    for cls in GROUPS[group]:
-        names = {f.name for f in dataclasses.fields(cls)}
-        out.append(from_mapping(cls, {k: v for k, v in values.items() if k in names}))
-    known = {f.name for cls in GROUPS[group] for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise InvalidSetting(f"unknown {group} setting(s) {unknown}")
-    return out
+    return split_options(_plain(cfg.get(group)), GROUPS[group], group)
 
 
 @dataclass(frozen=True)

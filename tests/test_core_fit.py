@@ -155,7 +155,7 @@ def test_summaries_hold_no_rows(binary):
     assert s.counts.sum() == pytest.approx(len(binary.X))
     np.testing.assert_allclose(s.sums.sum(axis=0), binary.X.sum(axis=0))
     assert fedvi.elbo(s) == pytest.approx(m.elbo_, rel=1e-12)
-    back = fedvi.Summaries.from_arrays(s.to_arrays(), s.metadata())
+    back = fedvi.Summaries.from_arrays(s.to_arrays(), s.spec, s.n_rows, s.prior_dim)
     assert fedvi.elbo(back) == pytest.approx(m.elbo_, rel=1e-12)
 
 

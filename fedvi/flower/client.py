@@ -37,18 +37,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from fedvi import secagg
 from fedvi.data import DataError
-from fedvi.federated import check_request, site_fit_options, site_seed
+from fedvi.federated import site_fit_options, site_seed
 from fedvi.io import open_table, write_labels
-from fedvi.labels import label_counts, label_rows, map_labels, refinement_stats
-from fedvi.policy import PolicyRefusal, SitePolicy, check_posterior
-from fedvi.privacy import (
-    Accountant,
-    BudgetExhausted,
-    effective_epsilon,
-    noisy_counts,
-    noisy_release,
-    suppress_counts,
-)
+from fedvi.labels import label_rows, map_labels, release_label_counts, release_refinement
+from fedvi.options import FitOptions
+from fedvi.policy import PolicyRefusal, SitePolicy, check_posterior, check_request
+from fedvi.privacy import Accountant, BudgetExhausted, site_accountant
 from fedvi.protocol import (
     K_PHASE,
     K_PROTOCOL,
@@ -209,9 +203,13 @@ class FedviClient(NumPyClient):
     def _floor(self, req: Request) -> int:
         return self.policy.floor(req.server.min_cluster_size)
 
+    def _opts(self, req: Request) -> FitOptions:
+        """The run's fit options on this site's own hardware."""
+        return site_fit_options(req.fit, self.policy)
+
     def _preflight(self, req: Request, secure: bool):
         check_request(req.spec, self.policy)
-        data, spec = self.table(req, req.spec)
+        data, _ = self.table(req)
         if data.n_rows < self._floor(req):
             raise PolicyRefusal(
                 "min-cluster-size", "the site has fewer rows than the disclosure floor"
@@ -238,16 +236,13 @@ class FedviClient(NumPyClient):
         fit = fit_site(
             data,
             spec,
-            site_fit_options(req.fit, self.policy),
+            self._opts(req),
             seed=site_seed(req.seed, self.partition_id),
             min_cluster_size=self._floor(req),
             source=self.name,
         )
         if self.state is not None:
-            src = fit.state.source
-            arrays = [src.W, src.bias, np.eye(src.n_clusters) if src.merge is None else src.merge]
-            if src.E0 is not None:
-                arrays.append(src.E0)
+            arrays = fit.state.source.to_arrays()
             self.state[_LOCAL_SOURCE] = ArrayRecord([np.asarray(a) for a in arrays])
         arrays, meta = encode_summaries(fit.summaries, "summaries")
         meta.update(
@@ -261,14 +256,11 @@ class FedviClient(NumPyClient):
         return arrays, data.n_rows, meta
 
     def _accountant(self, req: Request) -> Accountant | None:
-        eps = effective_epsilon(self.policy.dp_epsilon, req.server.dp_epsilon)
-        if eps is None:
-            return None
-        if self.state is not None and _PRIVACY in self.state.config_records:
+        acc = site_accountant(self.policy, req.server)
+        if acc is not None and self.state is not None and _PRIVACY in self.state.config_records:
             saved = json.loads(str(self.state.config_records[_PRIVACY]["json"]))
             return Accountant.from_dict(saved)
-        delta = effective_epsilon(self.policy.dp_delta, req.server.dp_delta)
-        return Accountant(eps, delta, req.server.refine_rounds + 1)
+        return acc
 
     def _save_accountant(self, acc: Accountant | None) -> dict:
         if acc is None:
@@ -289,17 +281,18 @@ class FedviClient(NumPyClient):
         data, _ = self.table(req, req.posterior.spec)
         return data
 
-    def _rng(self, req: Request, acc: Accountant):
+    def _rng(self, req: Request, acc: Accountant | None):
+        """The noise generator of this release (``None`` without DP)."""
+        if acc is None:
+            return None
         return np.random.default_rng([req.seed, self.partition_id, acc.made, 11])
 
     def _refine(self, req: Request, secure: bool):
         data = self._aggregate_round(req, secure, "allow-refine", self.policy.allow_refine)
         acc = self._accountant(req)
-        floor = self._floor(req)
-        opts = site_fit_options(req.fit, self.policy)
-        stats = refinement_stats(data, req.posterior, floor, opts, restrict=acc is None)
-        if acc is not None:
-            stats = noisy_release(stats, acc.spend(), self._rng(req, acc), floor)
+        stats = release_refinement(
+            data, req.posterior, self._floor(req), self._opts(req), acc, self._rng(req, acc)
+        )
         arrays = encode_refine(stats)
         extra = self._save_accountant(acc)
         return self._secure(arrays, req, secure), data.n_rows, extra
@@ -307,21 +300,20 @@ class FedviClient(NumPyClient):
     def _label(self, req: Request, secure: bool):
         data = self._aggregate_round(req, secure, "allow-labels", self.policy.allow_labels)
         posterior = req.posterior
-        opts = site_fit_options(req.fit, self.policy)
         if req.mapping is not None:
             labels = map_labels(self._local_labels(data, req), self._checked_mapping(req))
         else:
-            labels = label_rows(data, posterior, opts)
+            labels = label_rows(data, posterior, self._opts(req))
         write_labels(
             os.path.join(self.output_dir(req), f"labels_site{self.partition_id}.csv"), labels
         )
-        counts = label_counts(labels, posterior.n_clusters)
         acc = self._accountant(req)
-        if acc is not None:
-            counts = noisy_counts(counts, acc.spend(), self._rng(req, acc), data.n_rows)
-        shown = suppress_counts(counts, self._floor(req), marker=0 if secure else -1)
+        marker = 0 if secure else -1
+        shown = release_label_counts(
+            labels, posterior.n_clusters, self._floor(req), acc, self._rng(req, acc), marker
+        )
         # Under secure aggregation the server sees only the sum: no per-site scalar about it.
-        extra = {} if secure else {"label.n_suppressed": int(((counts > 0) & (shown <= 0)).sum())}
+        extra = {} if secure else {"label.n_suppressed": int((shown == marker).sum())}
         extra.update(self._save_accountant(acc))
         arrays = [shown.astype(np.float64 if secure else np.int64)]
         return self._secure(arrays, req, secure), data.n_rows, extra
@@ -342,14 +334,10 @@ class FedviClient(NumPyClient):
     def _local_labels(self, data, req: Request) -> np.ndarray:
         if self.state is None or _LOCAL_SOURCE not in self.state.array_records:
             raise PolicyRefusal("label-mode", "map labelling needs this site's local fit")
-        arrays = self.state[_LOCAL_SOURCE].to_numpy_ndarrays()
-        W, bias, merge = arrays[:3]
-        source = Source(W, bias, arrays[3] if len(arrays) > 3 else None, merge)
+        source = Source.from_arrays(self.state[_LOCAL_SOURCE].to_numpy_ndarrays())
         if len(req.mapping) != source.n_clusters:
             raise PolicyRefusal("posterior", "the map does not match this site's local clusters")
-        problem = Problem.build(
-            data, req.posterior.spec, options=site_fit_options(req.fit, self.policy)
-        )
+        problem = Problem.build(data, req.posterior.spec, options=self._opts(req))
         return labels_of(problem, source)
 
 
