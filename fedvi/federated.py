@@ -122,12 +122,6 @@ def fixed_contribution(summaries: Summaries, mapping: np.ndarray, n_clusters: in
     return summaries.combine(mapping, n_clusters)
 
 
-def _count_bytes(report: SiteReport, phase: str, arrays) -> None:
-    """Bytes of arrays a site sends in ``phase`` (what the Flower app measures on the wire)."""
-    n = int(sum(np.asarray(a).nbytes for a in arrays))
-    report.uplink_bytes[phase] = report.uplink_bytes.get(phase, 0) + n
-
-
 def federated_fit(
     datasets,
     likelihood: str | None = None,
@@ -210,7 +204,7 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
             opts = site_fit_options(fit, policies[b])
             st = release_refinement(data, posterior, floors[b], opts, accountants[b], rngs[b])
             stats.append(st)
-            _count_bytes(result.sites[ids[b]], "refine", encode_refine(st))
+            result.sites[ids[b]].add_uplink("refine", encode_refine(st))
         new, accepted, kept = combine_refinement(
             posterior, stats, fixed, noisy=any(a is not None for a in accountants)
         )
@@ -237,7 +231,7 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
         rep.labels = labels
         if policies[b].allow_labels:
             rep.counts = release_label_counts(labels, G, floors[b], accountants[b], rngs[b])
-            _count_bytes(rep, "label", [rep.counts])
+            rep.add_uplink("label", [rep.counts])
         if accountants[b] is not None:
             rep.privacy = {
                 "epsilon_spent": accountants[b].epsilon_spent,

@@ -48,6 +48,11 @@ class SiteReport:
     policy: dict | None = None
     privacy: dict | None = None
 
+    def add_uplink(self, phase: str, arrays) -> None:
+        """Count the bytes of the arrays the site sent in ``phase`` (as on the wire)."""
+        n = int(sum(np.asarray(a).nbytes for a in arrays))
+        self.uplink_bytes[phase] = self.uplink_bytes.get(phase, 0) + n
+
 
 @dataclass
 class FederatedResult:
@@ -104,6 +109,16 @@ class FederatedResult:
     @property
     def complete(self) -> bool:
         return self.status in ("completed", "completed_with_failures")
+
+    def settle(self, exc: BaseException | None = None) -> None:
+        """After a run: ``"failed"`` if it raised ``exc`` or stopped before completing, with
+        the first error recorded kept."""
+        if exc is not None:
+            self.status = "failed"
+            self.error = self.error or f"{type(exc).__name__}: {exc}"
+        if not self.complete:
+            self.status = "failed"
+            self.error = self.error or "the run stopped before labelling"
 
     # -- per site, in site order ---------------------------------------------------------
     def _ok(self) -> list[SiteReport]:

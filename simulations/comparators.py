@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from fedvi.metrics import adjusted_rand_index, normalized_mutual_info
+from fedvi.metrics import agreement
 
 log = logging.getLogger("fedvi")
 
@@ -196,8 +196,7 @@ def score(result: MethodResult, truth: np.ndarray | None) -> MethodResult:
         return result
     result.k_found = n_found(result.labels)
     if truth is not None:
-        result.ari = adjusted_rand_index(truth, result.labels)
-        result.nmi = normalized_mutual_info(truth, result.labels)
+        result.ari, result.nmi = agreement(truth, result.labels)
     return result
 
 

@@ -115,8 +115,7 @@ def run_federation(
         try:
             run_strategy(grid, context, strategy)
         except Exception as exc:  # reported in results.json and the exit status
-            strategy.result.status = "failed"
-            strategy.result.error = strategy.result.error or f"{type(exc).__name__}: {exc}"
+            strategy.result.settle(exc)
             TRACE.error("the run failed", exc_info=exc)
 
     run_simulation(
@@ -125,20 +124,19 @@ def run_federation(
         num_supernodes=n,
         backend_config=resources,
     )
-    if strategy.result.status not in ("completed", "completed_with_failures"):
-        strategy.result.status = "failed"
-        strategy.result.error = strategy.result.error or "the run stopped before labelling"
+    strategy.result.settle()
     return strategy
 
 
 def _site_labels(run_dir: str, result) -> list | None:
+    from fedvi.flower.client import labels_path
     from fedvi.io import read_labels
 
     out = []
     for sid in sorted(result.sites):
         if result.sites[sid].status != "ok":
             return None
-        path = os.path.join(run_dir, "labels", f"labels_site{sid}.csv")
+        path = labels_path(os.path.join(run_dir, "labels"), sid)
         if not os.path.exists(path):
             return None
         out.append(read_labels(path))

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 from logging import INFO, WARNING
 
 import numpy as np
@@ -112,9 +111,8 @@ class FedMerDel(Strategy):
     server's own (:class:`StrategyOptions`). expected_sites: partition ids of the sites to use.
     seed: seed of the run (site ``b`` fits with ``seed + b``). sim_paths: the simulation's own
     site files (only sites that opt in accept them). resume: a model to extend with new sites.
-    on_complete: called with :attr:`result` after labelling. site_slots: how many sites
-    compute at once (a simulation's CPU slots; ``None``: every site on its own machine), which
-    stretches the derived timeouts.
+    site_slots: how many sites compute at once (a simulation's CPU slots; ``None``: every site
+    on its own machine), which stretches the derived timeouts.
     """
 
     def __init__(
@@ -127,7 +125,6 @@ class FedMerDel(Strategy):
         seed: int = 0,
         sim_paths: dict | None = None,
         resume: FittedModel | None = None,
-        on_complete: Callable[[FederatedResult], None] | None = None,
         site_slots: int | None = None,
     ):
         super().__init__()
@@ -145,7 +142,6 @@ class FedMerDel(Strategy):
         self.seed = int(seed)
         self.sim_paths = sim_paths
         self.resume = resume
-        self.on_complete = on_complete
         self.site_slots = site_slots
         if resume is not None:
             self.spec = resume.spec
@@ -174,7 +170,6 @@ class FedMerDel(Strategy):
         self.refining = True
         self._asked: dict[int, set[int]] = {}
         self._t0 = 0.0
-        self._preflighted: set[str] = set()
         self._aggregated: set[int] = set()
 
     def __repr__(self) -> str:
@@ -315,12 +310,8 @@ class FedMerDel(Strategy):
         self._t0 = time.perf_counter()
         if phase is Phase.PREFLIGHT:
             self.wait_for_sites(client_manager)
-            proxies = [
-                p for cid, p in sorted(client_manager.all().items()) if cid not in self._preflighted
-            ]
-            self._preflighted |= {p.cid for p in proxies}
             ins = self.request(phase)
-            out = [(p, ins) for p in proxies]
+            out = [(p, ins) for _, p in sorted(client_manager.all().items())]
             self._asked[server_round] = set()
             log(INFO, "fedvi round %d: pre-flight on %d nodes", server_round, len(out))
             return out
@@ -332,12 +323,16 @@ class FedMerDel(Strategy):
             for cid, p in client_manager.all().items()
             if cid in self.node_site
         }
+        # One request for all sites (the posterior is encoded once), except map labelling,
+        # where each site gets its own local-to-global map.
+        per_site = phase is Phase.LABEL and self.result.label_mode == "map"
+        common = None if per_site else self.request(phase)
         out = []
         for s in sites:
             if s not in by_site:
                 self._fail(phase, s, None, "not connected")
                 continue
-            out.append((by_site[s], self.request(phase, s)))
+            out.append((by_site[s], self.request(phase, s) if per_site else common))
         self._asked[server_round] = {self.node_site[p.cid] for p, _ in out}
         if phase is Phase.REFINE and self.options.secure_aggregation and len(out) < 2:
             self._stop_refining("secure aggregation needs at least 2 sites that take part")
@@ -511,9 +506,7 @@ class FedMerDel(Strategy):
             if site not in self.expected:
                 continue
             rep = self._site_report(site)
-            rep.uplink_bytes[phase.value] = rep.uplink_bytes.get(phase.value, 0) + int(
-                sum(np.asarray(a).nbytes for a in arrays)
-            )
+            rep.add_uplink(phase.value, arrays)
             rep.seconds[phase.value] = float(metrics.get(K_SECONDS, 0.0))
             log(
                 INFO,
@@ -550,9 +543,6 @@ class FedMerDel(Strategy):
                     site,
                 )
                 continue
-            if self.resume is not None and site in self.resume.site_ids:
-                self.result.notes.append(f"site {site} is already in the resumed model: not used")
-                continue
             try:
                 pre = Preflight.from_metrics(site, metrics)
             except ProtocolError as exc:
@@ -574,13 +564,7 @@ class FedMerDel(Strategy):
             if f["phase"] == "preflight" and f["site"] is not None:
                 self._site_report(f["site"]).status = "failed"
                 self._site_report(f["site"]).error = f["error"]
-        missing = [
-            s
-            for s in self.expected
-            if s not in self.result.sites
-            and not (self.resume is not None and s in self.resume.site_ids)
-        ]
-        for s in missing:
+        for s in [s for s in self.expected if s not in self.result.sites]:
             self._fail(Phase.PREFLIGHT, s, None, "not connected")
             self._site_report(s).status = "failed"
         self._agree_schema()
@@ -601,7 +585,7 @@ class FedMerDel(Strategy):
         if not ok:
             return
         ref = self.preflights[ok[0]]
-        model = self.resume.spec if self.resume is not None else self.spec
+        model = self.spec  # the resumed model's, when resuming
         if model.feature_names is not None:
             names = model.feature_names
             ref = dataclasses.replace(
@@ -631,7 +615,7 @@ class FedMerDel(Strategy):
             return
         if ref.variable_hashes is not None and model.feature_names is None:
             self.variable_order = tuple(ref.variable_hashes)
-        spec = self.resume.spec if self.resume is not None else self.spec
+        spec = self.spec
         if spec.resolved:
             self.agreed_spec = spec
             return
@@ -766,5 +750,3 @@ class FedMerDel(Strategy):
         self.result.status = (
             "completed_with_failures" if (failed or self.result.failures) else "completed"
         )
-        if self.on_complete is not None:
-            self.on_complete(self.result)

@@ -18,19 +18,17 @@ import numpy as np
 from fedvi.metrics import agreement
 from fedvi.model import json_default
 from fedvi.result import FederatedResult
-
-#: Exit codes of a run (``python -m simulations.run``, ``python -m strategies.submit``).
-EXIT_CODES = {"completed": 0, "failed": 1, "completed_with_failures": 3}
+from strategies import EXIT_CODES
 
 
 def exit_code(result: FederatedResult) -> int:
     return EXIT_CODES.get(result.status, 1)
 
 
-def column_names(spec, feature_names=None) -> list[str]:
+def column_names(spec) -> list[str]:
     """Names of the ``P`` columns of ``E[phi]``: a variable (Bernoulli: ``P(x=1)``) or
     ``variable=level`` (categorical)."""
-    names = list(spec.feature_names or feature_names or [f"x{d}" for d in range(spec.n_features)])
+    names = list(spec.feature_names or [f"x{d}" for d in range(spec.n_features)])
     if spec.likelihood == "bernoulli":
         return names
     return [f"{n}={lvl}" for n, L in zip(names, spec.n_levels, strict=True) for lvl in range(L)]
@@ -200,8 +198,8 @@ def write_outputs(
 
         resolved = OmegaConf.to_container(cfg, resolve=True)
         if deployment:
-            resolved["data"] = {"source": "sites (deployment)", **data_report(result)}
-        resolved["run"] = {"status": result.status, "data_reported": data_report(result)}
+            resolved["data"] = {"source": "sites (deployment)", **res["data"]}
+        resolved["run"] = {"status": result.status, "data_reported": res["data"]}
         with open(os.path.join(out_dir, "config_resolved.yaml"), "w") as fh:
             fh.write(OmegaConf.to_yaml(OmegaConf.create(resolved)))
         files.append("config_resolved.yaml")

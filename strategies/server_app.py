@@ -37,9 +37,7 @@ class RunFailed(RuntimeError):
     """The run did not complete (the reason is in ``results.json``)."""
 
 
-def build_strategy(
-    settings: RunSettings, sim_paths=None, resume=None, on_complete=None, site_slots=None
-):
+def build_strategy(settings: RunSettings, sim_paths=None, resume=None, site_slots=None):
     """The FedMerDel strategy of a run's settings."""
     return FedMerDel(
         settings.spec,
@@ -50,7 +48,6 @@ def build_strategy(
         seed=settings.seed,
         sim_paths=sim_paths,
         resume=resume,
-        on_complete=on_complete,
         site_slots=site_slots,
     )
 
@@ -64,12 +61,9 @@ def run_and_report(grid, context: Context, strategy: FedMerDel, out_dir: str, cf
         run_strategy(grid, context, strategy)
     except Exception as exc:  # the run's outcome is reported, then re-raised
         error = exc
-        strategy.result.status = "failed"
-        strategy.result.error = strategy.result.error or f"{type(exc).__name__}: {exc}"
+        strategy.result.settle(exc)
         log(ERROR, "fedvi: the run failed: %s", strategy.result.error)
-    if strategy.result.status not in ("completed", "completed_with_failures"):
-        strategy.result.status = "failed"
-        strategy.result.error = strategy.result.error or "the run stopped before labelling"
+    strategy.result.settle()
     wall = {"total": time.perf_counter() - t0, **outputs.pop("wall_clock", {})}
     write_outputs(strategy.result, out_dir, cfg=cfg, wall_clock=wall, **outputs)
     r = strategy.result

@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from strategies import EXIT_CODES
+
 EXIT_SUBMIT = 2
 
 
@@ -119,7 +121,7 @@ def main(argv=None) -> int:
                 f"{f.get('phase')}: {f.get('error')}"
             )
         print(f"fedvi: {results['status']}; results in {results_path}")
-        return {"completed": 0, "completed_with_failures": 3}.get(results["status"], 1)
+        return EXIT_CODES.get(results["status"], 1)
     return 0 if state == "finished:completed" else 1
 
 

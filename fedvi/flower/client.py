@@ -86,6 +86,11 @@ def safe_reason(exc: BaseException) -> str:
     return f"internal error ({type(exc).__name__}); details are in the site's log"
 
 
+def labels_path(output_dir: str, site: int) -> str:
+    """Where site ``site`` writes its labels (``<output_dir>/labels_site<id>.csv``)."""
+    return os.path.join(output_dir, f"labels_site{site}.csv")
+
+
 class FedviClient(NumPyClient):
     """One site. ``node_config``: the SuperNode's config (``partition-id`` and the
     :class:`SitePolicy` keys); ``state``: the persistent context state (keeps what later phases
@@ -304,9 +309,7 @@ class FedviClient(NumPyClient):
             labels = map_labels(self._local_labels(data, req), self._checked_mapping(req))
         else:
             labels = label_rows(data, posterior, self._opts(req))
-        write_labels(
-            os.path.join(self.output_dir(req), f"labels_site{self.partition_id}.csv"), labels
-        )
+        write_labels(labels_path(self.output_dir(req), self.partition_id), labels)
         acc = self._accountant(req)
         marker = 0 if secure else -1
         shown = release_label_counts(
