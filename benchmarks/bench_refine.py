@@ -63,6 +63,7 @@ def one(preset: str, overrides: list[str]) -> list[dict]:
                 "kB": sent / 1e3,
                 "s": took,
                 "rounds": len(res.elbo_history) - 2,
+                "requested": r,
             }
         )
     t = time.perf_counter()
@@ -76,6 +77,7 @@ def one(preset: str, overrides: list[str]) -> list[dict]:
             "kB": float("nan"),
             "s": time.perf_counter() - t,
             "rounds": 0,
+            "requested": 0,
         }
     )
     return rows
@@ -91,12 +93,8 @@ def main(argv=None) -> None:
     for preset, overrides in presets:
         split = " ".join(o.split("=")[1] for o in overrides)
         for row in one(preset, overrides):
-            applied = (
-                ""
-                if row["rounds"]
-                in (0, int(row["method"].split()[-1]) if row["method"].startswith("refine") else 0)
-                else (f" ({row['rounds']} applied)")
-            )
+            stopped = row["rounds"] not in (0, row["requested"])
+            applied = f" ({row['rounds']} applied)" if stopped else ""
             print(
                 f"| {preset} | {split} | {row['method']}{applied} | {row['K']} | "
                 f"{row['ARI']:.4f} | {row['ELBO']:.1f} | {row['kB']:.1f} | {row['s']:.1f} |"

@@ -187,6 +187,14 @@ def encode_request(
     return arrays, config
 
 
+def _json_strings(config: Mapping[str, Any], key: str) -> list[str]:
+    """``config[key]``, a JSON list, as strings."""
+    try:
+        return [str(v) for v in json.loads(str(config[key]))]
+    except (json.JSONDecodeError, TypeError):
+        raise ProtocolError(f"{key} is not a JSON list") from None
+
+
 def decode_request(arrays, config: Mapping[str, Any]) -> Request:
     """The round a site received, every value checked; a :class:`ProtocolError` (or a settings
     error) when it does not follow the protocol."""
@@ -229,17 +237,11 @@ def decode_request(arrays, config: Mapping[str, Any]) -> Request:
         raise ProtocolError(f"phase {phase.value!r} takes no arrays, got {len(arrays)}")
     sim = {k: str(config[k]) for k in SIM_KEYS if k in config}
     if "sim.data_paths" in sim:
-        try:
-            sim["sim.data_paths"] = [str(p) for p in json.loads(sim["sim.data_paths"])]
-        except (json.JSONDecodeError, TypeError):
-            raise ProtocolError("sim.data_paths is not a JSON list") from None
+        sim["sim.data_paths"] = _json_strings(config, "sim.data_paths")
     scale = config.get("secagg.scale")
     order = None
     if "schema.variable_order" in config:
-        try:
-            order = tuple(str(h) for h in json.loads(str(config["schema.variable_order"])))
-        except (json.JSONDecodeError, TypeError):
-            raise ProtocolError("schema.variable_order is not a JSON list") from None
+        order = tuple(_json_strings(config, "schema.variable_order"))
     return Request(
         phase=phase,
         spec=decode_settings(MixtureSpec, config, "model"),

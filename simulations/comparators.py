@@ -212,6 +212,7 @@ class Study:
     k_true: int | None
     seed: int
     cfg: Any
+    truth: np.ndarray | None = None  # (N,) known labels of the pooled rows, when known
 
     def options(self, name: str) -> dict[str, Any]:
         return dict(_plain(_get(self.cfg, f"comparator_options.{name}", {})) or {})
@@ -465,16 +466,8 @@ def run_method(name: str, p: Study, truth: np.ndarray | None) -> MethodResult:
     return r
 
 
-def compare(
-    cfg: Any,
-    sites: Sequence[Any],
-    truth: Sequence[np.ndarray] | None,
-    results: Mapping[str, Any] | None = None,
-    methods: Sequence[str] | None = None,
-) -> list[MethodResult]:
-    """Run ``methods`` (default ``cfg.comparators``) on ``sites``; one result per method."""
-    names = method_names(methods if methods is not None else _get(cfg, "comparators", "all"))
-    names = with_plain(names, cfg)
+def study_of(cfg: Any, sites: Sequence[Any], truth: Sequence[np.ndarray] | None) -> Study:
+    """The pooled study of ``sites`` (one dense copy of every row) under ``cfg``."""
     sites = list(sites)
     X = pooled(sites)
     z = None if truth is None else np.concatenate([np.asarray(t) for t in truth])
@@ -485,15 +478,24 @@ def compare(
     n_levels = _plain(_get(cfg, "model.n_levels", None))
     if likelihood == "categorical" and n_levels is None:
         n_levels = levels_of(X)
-    p = Study(
-        sites,
-        X,
-        likelihood,
-        n_levels,
-        None if k_true is None else int(k_true),
-        int(_get(cfg, "seed", 0)),
-        cfg,
-    )
+    k_true = None if k_true is None else int(k_true)
+    return Study(sites, X, likelihood, n_levels, k_true, int(_get(cfg, "seed", 0)), cfg, z)
+
+
+def compare(
+    cfg: Any,
+    sites: Sequence[Any],
+    truth: Sequence[np.ndarray] | None,
+    results: Mapping[str, Any] | None = None,
+    methods: Sequence[str] | None = None,
+    study: Study | None = None,
+) -> list[MethodResult]:
+    """Run ``methods`` (default ``cfg.comparators``) on ``sites``; one result per method.
+    ``study``: the :func:`study_of` these arguments, when the caller has it already."""
+    names = method_names(methods if methods is not None else _get(cfg, "comparators", "all"))
+    names = with_plain(names, cfg)
+    p = study if study is not None else study_of(cfg, sites, truth)
+    X, z = p.X, p.truth
     if p.missing_fraction:
         log.info("comparators: %.1f%% of the cells are missing", 100 * p.missing_fraction)
     out = []
@@ -501,7 +503,7 @@ def compare(
         if name == "fedmerdel":
             if results is None:
                 continue
-            r = flower_row(results, len(X), len(sites))
+            r = flower_row(results, len(X), len(p.sites))
             r.k_true = p.k_true
         else:
             log.info("comparator %s: fitting on %d rows x %d variables", name, *X.shape)

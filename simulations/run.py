@@ -174,7 +174,10 @@ def main(cfg: DictConfig) -> float | None:
     strategy = run_federation(settings, paths, label_column, run_dir, resume)
     wall["simulation"] = time.perf_counter() - t
     result = strategy.result
-    if truth is None and label_column:
+    comparators = bool(cfg.get("comparators")) and result.status != "failed"
+    if comparators and sites is None:  # the comparators need the rows: one read for both
+        sites, truth, _ = load_sites(cfg)
+    elif truth is None and label_column:
         truth = read_site_truth(paths, label_column)
     labels = _site_labels(run_dir, result)
     results = write_outputs(
@@ -214,11 +217,9 @@ def main(cfg: DictConfig) -> float | None:
             f["phase"],
             f["error"],
         )
-    if cfg.get("comparators") and result.status != "failed":
+    if comparators:
         from simulations.tables import run_comparators
 
-        if sites is None:
-            sites, truth, _ = load_sites(cfg)
         run_comparators(cfg, sites, truth, results, run_dir)
     code = exit_code(result)
     if code and not HydraConfig.get().mode.name == "MULTIRUN":

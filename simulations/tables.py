@@ -26,9 +26,8 @@ from simulations.comparators import (
     _get,
     _plain,
     compare,
-    levels_of,
     one_hot,
-    pooled,
+    study_of,
 )
 
 log = logging.getLogger("fedvi")
@@ -219,20 +218,17 @@ def run_comparators(
 
     Returns the table rows. ``methods`` overrides ``cfg.comparators``.
     """
-    rs = compare(cfg, sites, truth, results, methods)
+    study = study_of(cfg, sites, truth)
+    rs = compare(cfg, sites, truth, results, methods, study=study)
     rows = [r.row() for r in rs]
     written = write_table(rows, run_dir)
     meta = {"rows": rows, **provenance(cfg)}
     with open(os.path.join(run_dir, "comparison.json"), "w") as fh:
         json.dump(meta, fh, indent=2, default=str)
     if bool(_get(cfg, "plots", True)):
-        likelihood = str(_get(cfg, "model.likelihood", "bernoulli"))
-        X = pooled(sites)
-        z = None if truth is None else np.concatenate([np.asarray(t) for t in truth])
-        levels = _plain(_get(cfg, "model.n_levels", None))
-        if likelihood == "categorical" and levels is None:
-            levels = levels_of(X)
-        written += write_figures(rs, X, z, likelihood, levels, run_dir)
+        written += write_figures(
+            rs, study.X, study.truth, study.likelihood, study.n_levels, run_dir
+        )
     print(markdown_table(rows))
     log.info("comparison: %s", ", ".join(os.path.basename(p) for p in written))
     return rows
