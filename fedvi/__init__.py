@@ -19,6 +19,7 @@ side effects at the edges (the method is explained in docs/method.md):
   wire format shared with the server in ``strategies/``); nothing here imports Flower.
 """
 
+from fedvi.coordinator import SiteFailureError
 from fedvi.data import DataError, EncodedData, encode
 from fedvi.elbo import elbo
 from fedvi.federated import extend, federated_fit
@@ -49,6 +50,7 @@ __all__ = [
     "PolicyRefusal",
     "SchemaMismatchError",
     "ServerOptions",
+    "SiteFailureError",
     "SiteFit",
     "SitePolicy",
     "SiteReport",

@@ -1,39 +1,47 @@
-"""The whole FedMerDel pipeline in one process: :func:`federated_fit` and :func:`extend`.
+"""The in-process engine: :func:`federated_fit` and :func:`extend`.
 
-Local MerDel on every site, one-shot summaries, the global merge, refinement rounds and
-labelling on the sites. This is the reference that the Flower app reproduces: each step here
-is the same core function that a Flower site or the strategy calls, under the same settings
-(:class:`MixtureSpec`, :class:`FitOptions`, :class:`ServerOptions`, one :class:`SitePolicy`
-per site).
+The run's logic is :class:`fedvi.coordinator.Coordinator`'s, the sites' is
+:class:`fedvi.site_agent.SiteAgent`'s; this engine only delivers each round's requests to the
+agents (function calls) and hands their replies back. The Flower strategy
+(``strategies/fedmerdel.py``) drives the same coordinator over the same agents' phases, so
+both give the same result on the same data, settings, policies and seed (with differential
+privacy, when each site's noise generator is the same).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedvi.data import EncodedData, encode, site_list
-from fedvi.elbo import elbo
-from fedvi.global_merge import GlobalMerge, global_merge
-from fedvi.labels import label_rows, map_labels, release_label_counts, release_refinement
+from fedvi.coordinator import (
+    Coordinator,
+    Failure,
+    SiteFailureError,
+    combine_refinement,
+    fixed_contribution,
+)
+from fedvi.data import DataError, EncodedData, site_list
 from fedvi.model import FittedModel
 from fedvi.options import FitOptions, ServerOptions
-from fedvi.policy import SitePolicy, check_request
-from fedvi.privacy import site_accountant
-from fedvi.protocol import encode_refine
-from fedvi.result import FederatedResult, SiteReport
+from fedvi.policy import SitePolicy
+from fedvi.result import FederatedResult
 from fedvi.settings import numpydoc, split_options
-from fedvi.site import fit_site
+from fedvi.site_agent import SiteAgent, safe_reason, site_fit_options, site_seed
 from fedvi.spec import MixtureSpec
-from fedvi.summaries import Summaries
-from fedvi.vi import relevance_step
 
-
-def site_seed(seed: int | None, site: int) -> int | None:
-    """Seed of site ``site``'s local fit: ``seed + site`` (``None`` stays random)."""
-    return None if seed is None else int(seed) + int(site)
+__all__ = [
+    "combine_refinement",
+    "extend",
+    "federated_fit",
+    "fixed_contribution",
+    "policies_for",
+    "run_inprocess",
+    "shared_spec",
+    "site_fit_options",
+    "site_seed",
+]
 
 
 def policies_for(policy, n_sites: int) -> list[SitePolicy]:
@@ -48,78 +56,80 @@ def policies_for(policy, n_sites: int) -> list[SitePolicy]:
     return out
 
 
-def site_fit_options(fit: FitOptions, policy: SitePolicy) -> FitOptions:
-    """The run's fit options with the site's own backend/device (its hardware)."""
-    changes = {k: getattr(policy, k) for k in ("backend", "device") if getattr(policy, k)}
-    if changes.get("backend") == "numpy" and "device" not in changes:
-        changes["device"] = "cpu"
-    return dataclasses.replace(fit, **changes) if changes else fit
+def _rngs(rng, n_sites: int) -> list:
+    if rng is None:
+        return [None] * n_sites
+    out = list(rng)
+    if len(out) != n_sites:
+        raise ValueError(f"rng: give one generator per site ({n_sites})")
+    return out
+
+
+def agents_for(tables, ids, policies, rngs=None) -> dict[int, SiteAgent]:
+    """One :class:`SiteAgent` per site over in-memory tables."""
+    rngs = rngs or [None] * len(ids)
+    return {
+        s: SiteAgent(s, X, p, rng=r) for X, s, p, r in zip(tables, ids, policies, rngs, strict=True)
+    }
+
+
+def deliver(rnd, agents: Mapping[int, SiteAgent], errors: dict | None = None) -> dict:
+    """Each request of round ``rnd`` handed to its site's agent: ``{site: reply | Failure}``
+    (a site with no agent is left for the coordinator to name). A site's exception becomes a
+    ``site_error`` failure carrying only :func:`fedvi.site_agent.safe_reason`, as on Flower;
+    ``errors`` keeps the exception itself (the caller owns these sites)."""
+    replies = {}
+    for s, req in rnd.requests.items():
+        if s not in agents:
+            continue
+        try:
+            replies[s] = agents[s].handle(req)
+        except Exception as exc:  # the site's failure: named, the run goes on without it
+            if errors is not None:
+                errors.setdefault(s, exc)
+            replies[s] = Failure("site_error", safe_reason(exc))
+    return replies
+
+
+def run_inprocess(coordinator: Coordinator, agents: Mapping[int, SiteAgent]) -> FederatedResult:
+    """Drive ``coordinator`` to the end over ``agents``; the result, with each site's labels
+    (in process the caller holds every site). When the run cannot go on, a site's own data
+    error is raised (it names the site, the column and the value), else the coordinator's
+    :class:`fedvi.coordinator.SiteFailureError`."""
+    errors: dict[int, BaseException] = {}
+    while (rnd := coordinator.next_round()) is not None:
+        try:
+            coordinator.accept(rnd, deliver(rnd, agents, errors))
+        except SiteFailureError as exc:
+            data_errors = [e for _, e in sorted(errors.items()) if isinstance(e, DataError)]
+            if data_errors:
+                raise data_errors[0] from exc
+            raise
+    result = coordinator.result
+    for s, agent in agents.items():
+        if s in result.sites and agent.labels is not None:
+            result.sites[s].labels = agent.labels
+    return result
 
 
 def shared_spec(tables: Sequence, spec: MixtureSpec) -> tuple[MixtureSpec, list[EncodedData]]:
-    """Encode every site's table and agree on one resolved model: the variable names (the
-    model's, else the first named table's: every other named table is aligned to them by name)
-    and, for categorical data without ``n_levels``, the levels (largest code seen at any site +
-    1, what a schema round would agree on)."""
-    encoded = []
-    for b, X in enumerate(tables):
-        data = encode(X, spec, source=f"site {b}")
-        if spec.feature_names is None and data.feature_names is not None:
-            spec = dataclasses.replace(spec, feature_names=data.feature_names)
-        encoded.append(data)
-    widths = [d.n_features for d in encoded]
-    if len(set(widths)) > 1:
-        raise ValueError(
-            "mismatched schemas between sites: numbers of columns are "
-            + ", ".join(f"site {b}: {w}" for b, w in enumerate(widths))
-        )
-    levels = np.max([d.n_levels for d in encoded], axis=0)
-    if spec.likelihood == "categorical" and spec.n_levels is not None:
-        levels = encoded[0].n_levels
-    resolved = spec.resolve(levels, spec.feature_names)
-    encoded = [encode(d, resolved, source=f"site {b}") for b, d in enumerate(encoded)]
-    return resolved, encoded
-
-
-def combine_refinement(
-    posterior: Summaries,
-    site_stats: Sequence[Summaries],
-    fixed: Sequence[Summaries] = (),
-    noisy: bool = False,
-    empty_threshold: float = 1e-6,
-) -> tuple[Summaries, bool, np.ndarray]:
-    """Sum the sites' refinement statistics (and the ``fixed`` contributions of sites that do
-    not take part) into the next global posterior; ``(posterior, accepted, kept)`` where
-    ``kept (G,)`` marks the previous clusters that survive (empty ones are removed).
-
-    A round is one CAVI iteration on the pooled rows (restricted, at sites that apply their
-    disclosure floor, to the clusters they may release), so it is accepted only if the ELBO
-    does not fall; otherwise the previous posterior is returned with ``accepted=False``. Column
-    totals are those of the one-shot summaries (the same rows). ``noisy``: the statistics carry
-    differential-privacy noise, so the ELBO is not comparable and every round is accepted. The
-    ``c_d`` update (variable selection) runs here, on the summed statistics.
-    """
-    summed = Summaries.add([*site_stats, *fixed], like=posterior)
-    new = dataclasses.replace(
-        summed,
-        column_totals=posterior.column_totals,
-        column_observed=posterior.column_observed,
-        n_rows=posterior.n_rows,
-    )
-    keep = new.counts >= empty_threshold
-    if not keep.all():
-        new = new.subset(keep)
-    if new.spec.variable_selection:
-        new = dataclasses.replace(new, relevance=relevance_step(new, new.relevance))
-    if not noisy and elbo(new) < elbo(posterior) - 1e-8 * abs(elbo(posterior)):
-        return posterior, False, np.ones(posterior.n_clusters, dtype=bool)
-    return new, True, keep
-
-
-def fixed_contribution(summaries: Summaries, mapping: np.ndarray, n_clusters: int) -> Summaries:
-    """A site's one-shot statistics per global cluster (what it contributes when it does not
-    take part in refinement): its local clusters summed by ``mapping``."""
-    return summaries.combine(mapping, n_clusters)
+    """The resolved model that the pre-flight round agrees on for these tables (variable names,
+    levels), and each table encoded under it, as its site would encode it."""
+    tables = site_list(tables, "tables")
+    ids = list(range(len(tables)))
+    coordinator = Coordinator(spec, FitOptions(), ServerOptions(), ids)
+    agents = agents_for(tables, ids, [SitePolicy(min_cluster_size=1)] * len(ids))
+    errors: dict[int, BaseException] = {}
+    rnd = coordinator.next_round()
+    try:
+        coordinator.accept(rnd, deliver(rnd, agents, errors))
+    except SiteFailureError as exc:
+        if errors:
+            raise next(iter(errors.values())) from exc
+        raise
+    local = coordinator.next_round()
+    encoded = [agents[s].table(local.requests[s])[0] for s in ids]
+    return coordinator.agreed_spec, encoded
 
 
 def federated_fit(
@@ -129,6 +139,8 @@ def federated_fit(
     seed: int | None = 0,
     policy: SitePolicy | Sequence[SitePolicy] | None = None,
     site_ids: Sequence[int] | None = None,
+    min_sites: int | None = None,
+    rng: Sequence[np.random.Generator] | None = None,
     **options,
 ) -> FederatedResult:
     """Cluster the pooled population of several sites without pooling their rows."""
@@ -142,108 +154,9 @@ def federated_fit(
     if len(ids) != len(tables) or len(set(ids)) != len(ids):
         raise ValueError(f"site_ids: give {len(tables)} distinct ids, got {site_ids!r}")
     policies = policies_for(policy, len(tables))
-    for p in policies:
-        check_request(spec, p)
-    spec, encoded = shared_spec(tables, spec)
-    result = FederatedResult(label_mode=server.label_mode)
-    fits = _fit_sites(result, encoded, spec, policies, ids, fit, server, seed)
-    merged = global_merge([f.summaries for f in fits], server.merge_mode, site_ids=ids)
-    _finish(result, merged, fits, encoded, policies, ids, server, fit, seed)
-    return result
-
-
-def _fit_sites(result, encoded, spec, policies, ids, fit, server, seed) -> list:
-    """Each site's local fit under its own policy (floor, hardware); fills its report."""
-    fits = []
-    for b, (data, p) in enumerate(zip(encoded, policies, strict=True)):
-        f = fit_site(
-            data,
-            spec,
-            site_fit_options(fit, p),
-            site_seed(seed, ids[b]),
-            p.floor(server.min_cluster_size),
-            source=f"site {ids[b]}",
-        )
-        fits.append(f)
-        result.sites[ids[b]] = SiteReport(
-            site=ids[b],
-            n_rows=data.n_rows,
-            summaries=f.summaries,
-            n_iter=f.trace.n_iter,
-            converged=f.trace.converged,
-            uplink_bytes={"local": f.summaries.nbytes()},
-        )
-    return fits
-
-
-def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, fit, seed):
-    """Refinement, labels and the global model, after the merge (shared by fit and extend)."""
-    result.merge = merged
-    for b, s in enumerate(ids):
-        result.sites[s].mapping = merged.mapping[b]
-    posterior = merged.posterior
-    result.elbo_history = [merged.elbo_before, merged.elbo]
-    accountants = [site_accountant(p, server) for p in policies]
-    rngs = [np.random.default_rng([0 if seed is None else seed, s, 7]) for s in ids]
-    floors = [p.floor(server.min_cluster_size) for p in policies]
-    takes_part = [p.allow_refine for p in policies]
-    membership = merged.membership
-    fixed_all = [
-        fixed_contribution(f.summaries, merged.mapping[b], posterior.n_clusters)
-        for b, f in enumerate(fits)
-    ]
-    for r in range(server.refine_rounds):
-        if not any(takes_part):
-            result.notes.append("refinement skipped: no site allows refinement rounds")
-            break
-        stats, fixed = [], []
-        for b, data in enumerate(encoded):
-            if not takes_part[b]:
-                fixed.append(fixed_all[b])
-                continue
-            opts = site_fit_options(fit, policies[b])
-            st = release_refinement(data, posterior, floors[b], opts, accountants[b], rngs[b])
-            stats.append(st)
-            result.sites[ids[b]].add_uplink("refine", encode_refine(st))
-        new, accepted, kept = combine_refinement(
-            posterior, stats, fixed, noisy=any(a is not None for a in accountants)
-        )
-        if not accepted:
-            result.notes.append(
-                f"refinement round {r + 1} not applied: it would have lowered the ELBO "
-                "(sites' floors restricted their assignments); refinement stopped"
-            )
-            break
-        fixed_all = [f.subset(kept) for f in fixed_all]
-        membership = membership[kept]
-        posterior = new
-        result.elbo_history.append(elbo(posterior))
-    G = posterior.n_clusters
-    one_shot = server.refine_rounds == 0 or len(result.elbo_history) == 2
-    use_map = server.label_mode == "map" and one_shot
-    result.label_mode = "map" if use_map else "posterior"
-    for b, (f, data) in enumerate(zip(fits, encoded, strict=True)):
-        rep = result.sites[ids[b]]
-        if use_map:
-            labels = map_labels(f.local_labels(), merged.mapping[b])
-        else:
-            labels = label_rows(data, posterior, site_fit_options(fit, policies[b]))
-        rep.labels = labels
-        if policies[b].allow_labels:
-            rep.counts = release_label_counts(labels, G, floors[b], accountants[b], rngs[b])
-            rep.add_uplink("label", [rep.counts])
-        if accountants[b] is not None:
-            rep.privacy = {
-                "epsilon_spent": accountants[b].epsilon_spent,
-                **accountants[b].to_dict(),
-            }
-    result.model = FittedModel(posterior, merged.site_ids, membership)
-    result.status = "completed"
-    result.privacy = {
-        "secure_aggregation": False,
-        "dp_epsilon": server.dp_epsilon,
-        "dp_delta": server.dp_delta,
-    }
+    agents = agents_for(tables, ids, policies, _rngs(rng, len(tables)))
+    coordinator = Coordinator(spec, fit, server, ids, seed=seed, min_sites=min_sites)
+    return run_inprocess(coordinator, agents)
 
 
 def extend(
@@ -253,6 +166,8 @@ def extend(
     seed: int | None = 0,
     policy: SitePolicy | Sequence[SitePolicy] | None = None,
     site_ids: Sequence[int] | None = None,
+    min_sites: int | None = None,
+    rng: Sequence[np.random.Generator] | None = None,
     **options,
 ) -> FederatedResult:
     """Add sites to a fitted global model without refitting the others.
@@ -268,20 +183,12 @@ def extend(
     start = max(model.site_ids) + 1 if model.site_ids else 0
     ids = list(range(start, start + len(tables))) if site_ids is None else list(site_ids)
     policies = policies_for(policy, len(tables))
-    spec = model.spec
-    for p in policies:
-        check_request(spec, p)
-    encoded = [encode(X, spec, source=f"site {s}") for X, s in zip(tables, ids, strict=True)]
-    result = FederatedResult(label_mode="posterior")
-    fits = _fit_sites(result, encoded, spec, policies, ids, fit, server, seed)
-    merged = global_merge(
-        [f.summaries for f in fits],
-        server.merge_mode,
-        site_ids=ids,
-        base=(model.posterior, model.membership, list(model.site_ids)),
+    agents = agents_for(tables, ids, policies, _rngs(rng, len(tables)))
+    posterior_labels = dataclasses.replace(server, label_mode="posterior")
+    coordinator = Coordinator(
+        model.spec, fit, posterior_labels, ids, seed=seed, resume=model, min_sites=min_sites
     )
-    no_refine = dataclasses.replace(server, refine_rounds=0, label_mode="posterior")
-    _finish(result, merged, fits, encoded, policies, ids, no_refine, fit, seed)
+    result = run_inprocess(coordinator, agents)
     if server.refine_rounds:
         result.notes.append("extend: no refinement rounds (the model's other sites are not here)")
     return result
@@ -302,11 +209,19 @@ datasets : list of tables, one per site
 likelihood : str, optional
     Shorthand for the ``likelihood`` setting below.
 seed : int or None, default 0
-    Seed of the local fits (and of any privacy noise).
+    Seed of the local fits. Privacy noise is never seeded from it: each site draws its noise
+    from its own generator (``rng``).
 policy : SitePolicy or list of SitePolicy, optional
     Each site's own rules (disclosure floor, what it answers, its privacy budget).
 site_ids : list of int, optional
     Partition ids of the sites (default ``0..B-1``).
+min_sites : int, optional
+    How many sites must remain for the run to go on (default: all). A site that fails, sends
+    a reply that does not pass :mod:`fedvi.reply_checks`, or whose schema differs from the
+    first site's is left out and named in ``failures``.
+rng : list of numpy.random.Generator, optional
+    Each site's noise generator (default: fresh OS entropy at each site); pass generators
+    only to reproduce a run with differential privacy (tests).
 {numpydoc(MixtureSpec, FitOptions, ServerOptions)}
 
 Returns

@@ -55,9 +55,6 @@ K_SEED = "fedvi.seed"
 K_SITE = "fedvi.site"
 K_SECONDS = "fedvi.seconds"
 K_SECAGG = "fedvi.secagg"  # set by the site's own mod, never trusted from the server
-#: Paths the server may send to the simulation's built-in sites (refused by any other site):
-#: one data file per partition id (a JSON list), the label column, and the output folder.
-SIM_KEYS = ("sim.data_paths", "sim.label_column", "sim.output_dir")
 
 #: Constraints whose tuple values travel as JSON text (Flower configs hold scalars only).
 _JSON_CONSTRAINTS = (Levels, Names, PositivePair, IntList)
@@ -141,7 +138,6 @@ class Request:
     seed: int
     posterior: Summaries | None = None
     mapping: np.ndarray | None = None
-    sim_paths: dict[str, Any] | None = None
     secagg_scale: float | None = None
     variable_order: tuple[str, ...] | None = None
 
@@ -154,15 +150,14 @@ def encode_request(
     seed: int,
     posterior: Summaries | None = None,
     mapping: np.ndarray | None = None,
-    sim_paths: Mapping[str, Any] | None = None,
     secagg_scale: float | None = None,
     variable_order=None,
 ) -> tuple[list[np.ndarray], dict[str, Any]]:
     """``(arrays, config)`` of a round: the phase, every setting, the posterior (refine,
-    label), the site's local-to-global map (map labelling), the agreed order of the variables
-    (their name hashes, :func:`variable_hashes`: a site whose columns come in another order
-    aligns them by name) and, for the simulation's own sites only, the paths they read and
-    write."""
+    label), the site's local-to-global map (map labelling) and the agreed order of the
+    variables (their name hashes, :func:`variable_hashes`: a site whose columns come in another
+    order aligns them by name). No path: a site reads and writes only what its own node config
+    (or, in a simulation, its ClientApp factory) names."""
     phase = Phase(phase)
     config: dict[str, Any] = {K_PROTOCOL: PROTOCOL_VERSION, K_PHASE: phase.value, K_SEED: seed}
     config.update(encode_settings(spec, "model"))
@@ -175,11 +170,6 @@ def encode_request(
     if mapping is not None:
         arrays = [*arrays, np.asarray(mapping, dtype=np.int64)]
         config["label.mapping"] = True
-    for key, value in (sim_paths or {}).items():
-        if key not in SIM_KEYS:
-            raise ProtocolError(f"unknown simulation key {key!r}")
-        if value:
-            config[key] = json.dumps(list(value)) if key == "sim.data_paths" else str(value)
     if secagg_scale is not None:
         config["secagg.scale"] = float(secagg_scale)
     if variable_order is not None:
@@ -212,7 +202,6 @@ def decode_request(arrays, config: Mapping[str, Any]) -> Request:
         "fit.",
         "server.",
         "posterior.",
-        "sim.",
         "secagg.",
         "label.",
         "fedvi.",
@@ -235,9 +224,6 @@ def decode_request(arrays, config: Mapping[str, Any]) -> Request:
         posterior = decode_summaries(arrays, config, "posterior")
     elif arrays:
         raise ProtocolError(f"phase {phase.value!r} takes no arrays, got {len(arrays)}")
-    sim = {k: str(config[k]) for k in SIM_KEYS if k in config}
-    if "sim.data_paths" in sim:
-        sim["sim.data_paths"] = _json_strings(config, "sim.data_paths")
     scale = config.get("secagg.scale")
     order = None
     if "schema.variable_order" in config:
@@ -250,7 +236,6 @@ def decode_request(arrays, config: Mapping[str, Any]) -> Request:
         seed=seed,
         posterior=posterior,
         mapping=mapping,
-        sim_paths=sim or None,
         secagg_scale=None if scale is None else float(scale),
         variable_order=order,
     )
@@ -397,3 +382,118 @@ def parse_site_error(text: str) -> tuple[int | None, str | None, str]:
     m = found[-1]
     site = int(m.group(1))
     return (None if site < 0 else site), m.group(2), m.group(3).strip()
+
+
+# -- typed replies ----------------------------------------------------------------------------
+#: What a site's reply says about itself besides its phase's payload: seconds it took and, with
+#: differential privacy, its spending (``privacy.epsilon_spent``, ``privacy.releases``).
+_PRIVACY_KEYS = ("privacy.epsilon_spent", "privacy.releases")
+
+
+@dataclass(frozen=True)
+class LocalReply:
+    """The ``local`` phase's answer: the released one-shot summaries and the fit's trace."""
+
+    summaries: Summaries
+    n_iter: int
+    converged: bool
+    seconds: float = 0.0
+    load_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RefineReply:
+    """A ``refine`` answer: statistics per global cluster (``G`` rows) under the posterior."""
+
+    stats: Summaries
+    seconds: float = 0.0
+    privacy: dict | None = None
+
+
+@dataclass(frozen=True)
+class LabelReply:
+    """A ``label`` answer: ``counts (G,)`` rows per global cluster, ``marker`` where the
+    site's floor suppressed a count; ``n_suppressed`` of them (``None`` under SecAgg+)."""
+
+    counts: np.ndarray
+    n_suppressed: int | None = None
+    seconds: float = 0.0
+    privacy: dict | None = None
+
+
+#: The pre-flight answer is :class:`Preflight` (its schema, row count and policy).
+PreflightReply = Preflight
+Reply = Preflight | LocalReply | RefineReply | LabelReply
+
+
+def encode_reply(reply: Reply) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """``(arrays, metrics)`` of a typed reply (without the scalars every reply carries,
+    :func:`reply_metrics`)."""
+    if isinstance(reply, Preflight):
+        return [], reply.to_metrics()
+    if isinstance(reply, LocalReply):
+        arrays, meta = encode_summaries(reply.summaries, "summaries")
+        meta.update(
+            {
+                "fit.n_iter": int(reply.n_iter),
+                "fit.converged": bool(reply.converged),
+                "fit.load_seconds": float(reply.load_seconds),
+                "fit.n_clusters": reply.summaries.n_clusters,
+            }
+        )
+        return arrays, meta
+    privacy = {f"privacy.{k}": v for k, v in (reply.privacy or {}).items()}
+    if isinstance(reply, RefineReply):
+        return encode_refine(reply.stats), privacy
+    if isinstance(reply, LabelReply):
+        meta = dict(privacy)
+        if reply.n_suppressed is not None:
+            meta["label.n_suppressed"] = int(reply.n_suppressed)
+        return [np.asarray(reply.counts)], meta
+    raise TypeError(f"not a reply: {type(reply).__name__}")
+
+
+def _privacy_of(metrics: Mapping[str, Any]) -> dict | None:
+    got = {k.split(".", 1)[1]: metrics[k] for k in _PRIVACY_KEYS if k in metrics}
+    return got or None
+
+
+def decode_reply(
+    phase: Phase,
+    site: int,
+    arrays,
+    metrics: Mapping[str, Any],
+    posterior: Summaries | None = None,
+    n_rows: int | None = None,
+) -> Reply:
+    """The typed reply of ``site`` from what crossed the wire; a :class:`ProtocolError` when it
+    does not have the phase's layout (its values are checked by :mod:`fedvi.reply_checks`)."""
+    arrays = list(arrays)
+    seconds = float(metrics.get(K_SECONDS, 0.0))
+    try:
+        if phase is Phase.PREFLIGHT:
+            return Preflight.from_metrics(site, metrics)
+        if phase is Phase.LOCAL:
+            return LocalReply(
+                decode_summaries(arrays, metrics, "summaries"),
+                int(metrics.get("fit.n_iter", 0)),
+                bool(metrics.get("fit.converged", False)),
+                seconds,
+                float(metrics.get("fit.load_seconds", 0.0)),
+            )
+        if phase is Phase.REFINE:
+            stats = decode_refine(arrays, posterior, n_rows)
+            return RefineReply(stats, seconds, _privacy_of(metrics))
+        if len(arrays) != 1:
+            raise ProtocolError(f"a label reply has 1 array, got {len(arrays)}")
+        n_supp = metrics.get("label.n_suppressed")
+        return LabelReply(
+            np.asarray(arrays[0]),
+            None if n_supp is None else int(n_supp),
+            seconds,
+            _privacy_of(metrics),
+        )
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ProtocolError(f"malformed {phase.value} reply ({exc})") from None

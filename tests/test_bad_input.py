@@ -137,11 +137,19 @@ def test_federated_site_list_errors():
         fedvi.federated_fit(pd.DataFrame(GOOD))
     with pytest.raises(ValueError, match="at least one site"):
         fedvi.federated_fit([])
-    with pytest.raises(ValueError, match=r"mismatched schemas.*site 0: 4, site 1: 3"):
+    # A site with another schema is left out and named (the same rule on Flower); with every
+    # site required, the run stops there.
+    with pytest.raises(
+        fedvi.SiteFailureError,
+        match=r"only 1 of 2 sites.*site 1: schema differs from the reference: 3 variables "
+        r"instead of 4",
+    ):
         fedvi.federated_fit([GOOD, GOOD[:, :3]])
     with pytest.raises(fedvi.DataError, match=r"X in site 1 must be binary.*value 2"):
         fedvi.federated_fit([GOOD, GOOD + 1])
-    with pytest.raises(fedvi.DataError, match=r"X in site 1 has 3 rows; at least 5 are needed"):
+    with pytest.raises(
+        fedvi.SiteFailureError, match=r"site 1: refused by the site's policy \(min-cluster-size\)"
+    ):
         fedvi.federated_fit([GOOD, GOOD[:3]])
 
 
@@ -169,11 +177,14 @@ def test_different_variable_sets_are_named():
     frames, _ = _frames()
     frames[2] = frames[2].rename(columns={"cond_3": "cond_x"})
     with pytest.raises(
-        fedvi.DataError,
-        match=r"variables in site 2 differ from the model's: missing \['cond_3'\], "
-        r"extra \['cond_x'\]",
+        fedvi.SiteFailureError,
+        match=r"site 2: schema differs from the reference: variables #\[4\] renamed",
     ):
         fedvi.federated_fit(frames, n_components=8)
+    # With min_sites, the run goes on without it and names it.
+    got = fedvi.federated_fit(frames, n_components=8, min_sites=2)
+    assert got.status == "completed_with_failures" and len(got.labels) == 2
+    assert [(f["site"], f["cause"]) for f in got.failures] == [(2, "schema")]
 
 
 def test_predict_matches_columns_by_name():

@@ -14,14 +14,15 @@ releases; the round config only asks. Each round (:mod:`fedvi.protocol`):
 - ``label``: writes its labels to ``<output-dir>/labels_site<id>.csv`` on the site and returns
   only counts per global cluster, those below its floor suppressed.
 
-A failure is logged in full on the site; the server gets only a :class:`fedvi.protocol.SiteError`
-naming the phase, the site and the rule or the kind of problem (never a value, header, path or
-row number).
+The phases themselves are :class:`fedvi.site_agent.SiteAgent`'s (the same object the
+in-process engine calls); this module reads the site's file, moves the wire and keeps the
+agent's state between messages. A failure is logged in full on the site; the server gets
+only a :class:`fedvi.protocol.SiteError` naming the phase, the site and the rule or the kind of
+problem (never a value, header, path or row number).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -36,13 +37,9 @@ from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from fedvi import secagg
-from fedvi.data import DataError
-from fedvi.federated import site_fit_options, site_seed
 from fedvi.io import open_table, write_labels
-from fedvi.labels import label_rows, map_labels, release_label_counts, release_refinement
-from fedvi.options import FitOptions
-from fedvi.policy import PolicyRefusal, SitePolicy, check_posterior, check_request
-from fedvi.privacy import Accountant, BudgetExhausted, site_accountant
+from fedvi.policy import PolicyRefusal, SitePolicy
+from fedvi.privacy import Accountant
 from fedvi.protocol import (
     K_PHASE,
     K_PROTOCOL,
@@ -51,39 +48,20 @@ from fedvi.protocol import (
     PHASES,
     PROTOCOL_VERSION,
     Phase,
-    Preflight,
     ProtocolError,
-    Request,
     SiteError,
     decode_request,
-    encode_refine,
-    encode_summaries,
-    names_hash,
+    encode_reply,
     reply_metrics,
     site_error_message,
-    variable_hashes,
 )
-from fedvi.settings import InvalidSetting
-from fedvi.site import encode_site, fit_site
-from fedvi.vi import Problem, Source, labels_of
+from fedvi.site_agent import SiteAgent, safe_reason
+from fedvi.vi import Source
+
+__all__ = ["FedviClient", "labels_path", "make_client_app", "make_client_fn", "safe_reason"]
 
 _LOCAL_SOURCE = "fedvi.local-source"
 _PRIVACY = "fedvi.privacy"
-
-
-def safe_reason(exc: BaseException) -> str:
-    """What may be said to the server about ``exc``: a rule or a category, never its text
-    when that text could hold the site's data."""
-    if isinstance(exc, PolicyRefusal):
-        return str(exc)  # built from rule names and numbers only
-    if isinstance(exc, DataError):  # a DataFileError too
-        kind = getattr(exc, "kind", "bad-value")
-        return f"the site's table failed validation ({kind}); details are in the site's log"
-    if isinstance(exc, (InvalidSetting, ProtocolError)):
-        return f"invalid request: {exc}"  # about the server's own values
-    if isinstance(exc, BudgetExhausted):
-        return "refused: the site's privacy budget is spent"
-    return f"internal error ({type(exc).__name__}); details are in the site's log"
 
 
 def labels_path(output_dir: str, site: int) -> str:
@@ -92,12 +70,22 @@ def labels_path(output_dir: str, site: int) -> str:
 
 
 class FedviClient(NumPyClient):
-    """One site. ``node_config``: the SuperNode's config (``partition-id`` and the
-    :class:`SitePolicy` keys); ``state``: the persistent context state (keeps what later phases
-    need: the local fit's source for map labels, the privacy accountant); ``policy``: overrides
-    the policy read from the node config (the simulation's built-in sites)."""
+    """One site on Flower: a thin wrapper of :class:`fedvi.site_agent.SiteAgent` that reads
+    the site's table from the path its policy names, decodes each round, encodes the reply
+    (masked for SecAgg+) and keeps the agent's per-run state in the node's context.
 
-    def __init__(self, node_config: dict, state=None, policy: SitePolicy | None = None):
+    ``node_config``: the SuperNode's config (``partition-id`` and the :class:`SitePolicy`
+    keys); ``state``: the persistent context state; ``policy``: overrides the policy read from
+    the node config (the simulation's built-in sites, whose factory names their files);
+    ``rng``: the site's noise generator (default: OS entropy; tests pin it here)."""
+
+    def __init__(
+        self,
+        node_config: dict,
+        state=None,
+        policy: SitePolicy | None = None,
+        rng: np.random.Generator | None = None,
+    ):
         self.node_config = dict(node_config)
         if "partition-id" not in self.node_config:
             raise ValueError(
@@ -108,64 +96,59 @@ class FedviClient(NumPyClient):
         self.policy = policy if policy is not None else SitePolicy.from_node_config(node_config)
         self.state = state
         self.name = f"site {self.partition_id}"
+        self.agent = SiteAgent(
+            self.partition_id, self._read, self.policy, rng=rng, label_sink=self._write_labels
+        )
+        self._restore()
 
-    # --- what the site reads and writes (its policy decides) ----------------------------
-    def _sim(self, req: Request) -> dict:
-        if req.sim_paths and not self.policy.allow_server_paths:
-            raise PolicyRefusal(
-                "allow-server-paths",
-                "this site reads and writes only the paths of its own node config; the server "
-                "sent paths",
-            )
-        return req.sim_paths or {}
-
-    def data_path(self, req: Request) -> str:
-        sim = self._sim(req)
+    # --- what the site reads and writes (its own policy names it) ---------------------------
+    def data_path(self) -> str:
         if self.policy.data_path:
             return self.policy.data_path
-        paths = sim.get("sim.data_paths") or []
-        if self.partition_id < len(paths):
-            return paths[self.partition_id]
         raise PolicyRefusal("data-path", "the node config names no data-path")
 
-    def label_column(self, req: Request) -> str | None:
-        return self.policy.label_column or self._sim(req).get("sim.label_column")
-
-    def output_dir(self, req: Request) -> str:
-        sim = self._sim(req)
+    def output_dir(self) -> str:
         if self.policy.output_dir:
             return self.policy.output_dir
-        if sim.get("sim.output_dir"):
-            return sim["sim.output_dir"]
-        return os.path.dirname(os.path.abspath(self.data_path(req)))
+        return os.path.dirname(os.path.abspath(self.data_path()))
 
-    def cache_dir(self, req: Request) -> str:
+    def cache_dir(self) -> str:
         if self.policy.cache_dir:
             return self.policy.cache_dir
-        return os.path.join(self.output_dir(req), ".fedvi-cache")
+        return os.path.join(self.output_dir(), ".fedvi-cache")
 
-    def table(self, req: Request, spec=None):
-        """The site's table, read and validated once per file version (cached on its disk),
-        encoded against ``spec``: ``(data, resolved spec)``."""
-        spec = spec or req.spec
-        t = open_table(
-            self.data_path(req),
-            label_column=self.label_column(req),
-            missing=spec.missing,
-            cache_dir=self.cache_dir(req),
+    def _read(self, missing: str):
+        """The site's table, read and validated once per file version (cached on its disk)."""
+        return open_table(
+            self.data_path(),
+            label_column=self.policy.label_column,
+            missing=missing,
+            cache_dir=self.cache_dir(),
         )
-        if req.variable_order is not None and spec.feature_names is None:
-            spec = dataclasses.replace(spec, feature_names=self._ordered(t, req.variable_order))
-        return encode_site(t, spec, min_rows=1, source=self.name)
 
-    def _ordered(self, table, order) -> tuple[str, ...]:
-        """This table's variable names in the run's agreed order (given as name hashes)."""
-        if table.feature_names is None:
-            raise PolicyRefusal("schema", "the run matches variables by name; this table has none")
-        by_hash = dict(zip(variable_hashes(table.feature_names), table.feature_names, strict=True))
-        if set(by_hash) != set(order):
-            raise PolicyRefusal("schema", "this table's variables differ from the agreed ones")
-        return tuple(by_hash[h] for h in order)
+    def _write_labels(self, labels: np.ndarray) -> None:
+        write_labels(labels_path(self.output_dir(), self.partition_id), labels)
+
+    # --- the agent's per-run state in the node's context ------------------------------------
+    def _restore(self) -> None:
+        if self.state is None:
+            return
+        if _LOCAL_SOURCE in self.state.array_records:
+            arrays = self.state[_LOCAL_SOURCE].to_numpy_ndarrays()
+            self.agent.local_source = Source.from_arrays(arrays)
+        if _PRIVACY in self.state.config_records:
+            saved = json.loads(str(self.state.config_records[_PRIVACY]["json"]))
+            self.agent.accountant = Accountant.from_dict(saved)
+
+    def _save(self) -> None:
+        if self.state is None:
+            return
+        if self.agent.local_source is not None:
+            arrays = self.agent.local_source.to_arrays()
+            self.state[_LOCAL_SOURCE] = ArrayRecord([np.asarray(a) for a in arrays])
+        if self.agent.accountant is not None:
+            saved = json.dumps(self.agent.accountant.to_dict())
+            self.state.config_records[_PRIVACY] = ConfigRecord({"json": saved})
 
     # --- NumPyClient ------------------------------------------------------------------------
     def get_properties(self, config):
@@ -183,14 +166,17 @@ class FedviClient(NumPyClient):
         t0 = time.perf_counter()
         try:
             req = decode_request(parameters, config)
-            handler = {
-                Phase.PREFLIGHT: self._preflight,
-                Phase.LOCAL: self._local,
-                Phase.REFINE: self._refine,
-                Phase.LABEL: self._label,
-            }[req.phase]
             secure = bool(config.get(K_SECAGG, False))
-            arrays, n, extra = handler(req, secure)
+            reply = self.agent.handle(req, secure)
+            self._save()
+            arrays, extra = encode_reply(reply)
+            n = self.agent_rows(reply)
+            if secure and req.phase in (Phase.REFINE, Phase.LABEL):
+                arrays = self._secure(arrays, req)
+                # SecAgg+ weighs each site by num_examples / max_weight: 1 makes the average
+                # times the number of sites the sum, and keeps the site's size out of the
+                # unmasked field.
+                n = secagg.NUM_EXAMPLES
         except Exception as exc:  # nothing but a safe reason leaves the site
             log(ERROR, "%s, phase %s failed", self.name, phase, exc_info=exc)
             raise SiteError(
@@ -198,150 +184,23 @@ class FedviClient(NumPyClient):
             ) from None
         seconds = time.perf_counter() - t0
         log(INFO, "%s: phase %s, %d rows, %.2f s", self.name, phase, n, seconds)
-        if secure and req.phase in (Phase.REFINE, Phase.LABEL):
-            # SecAgg+ weighs each site by num_examples / max_weight: 1 makes the average times
-            # the number of sites the sum, and keeps the site's size out of the unmasked field.
-            n = secagg.NUM_EXAMPLES
         return arrays, int(n), reply_metrics(self.partition_id, phase, seconds, **extra)
 
-    # --- phases -------------------------------------------------------------------------------
-    def _floor(self, req: Request) -> int:
-        return self.policy.floor(req.server.min_cluster_size)
+    def agent_rows(self, reply) -> int:
+        """Rows behind a reply (Flower's ``num_examples``)."""
+        if hasattr(reply, "n_rows"):  # pre-flight
+            return int(reply.n_rows)
+        stats = getattr(reply, "summaries", None) or getattr(reply, "stats", None)
+        if stats is not None:
+            return int(stats.n_rows)
+        return 0 if self.agent.labels is None else len(self.agent.labels)
 
-    def _opts(self, req: Request) -> FitOptions:
-        """The run's fit options on this site's own hardware."""
-        return site_fit_options(req.fit, self.policy)
-
-    def _preflight(self, req: Request, secure: bool):
-        check_request(req.spec, self.policy)
-        data, _ = self.table(req)
-        if data.n_rows < self._floor(req):
-            raise PolicyRefusal(
-                "min-cluster-size", "the site has fewer rows than the disclosure floor"
-            )
-        pre = Preflight(
-            site=self.partition_id,
-            n_rows=data.n_rows,
-            n_features=data.n_features,
-            levels=tuple(int(v) for v in data.n_levels),
-            names_hash=names_hash(data.feature_names),
-            variable_hashes=None
-            if data.feature_names is None
-            else tuple(variable_hashes(data.feature_names)),
-            has_missing=bool(data.has_missing),
-            policy=self.policy.summary(),
-        )
-        return [], data.n_rows, pre.to_metrics()
-
-    def _local(self, req: Request, secure: bool):
-        check_request(req.spec, self.policy)
-        t0 = time.perf_counter()
-        data, spec = self.table(req)
-        load = time.perf_counter() - t0
-        fit = fit_site(
-            data,
-            spec,
-            self._opts(req),
-            seed=site_seed(req.seed, self.partition_id),
-            min_cluster_size=self._floor(req),
-            source=self.name,
-        )
-        if self.state is not None:
-            arrays = fit.state.source.to_arrays()
-            self.state[_LOCAL_SOURCE] = ArrayRecord([np.asarray(a) for a in arrays])
-        arrays, meta = encode_summaries(fit.summaries, "summaries")
-        meta.update(
-            {
-                "fit.n_iter": int(fit.trace.n_iter),
-                "fit.converged": bool(fit.trace.converged),
-                "fit.load_seconds": load,
-                "fit.n_clusters": fit.summaries.n_clusters,
-            }
-        )
-        return arrays, data.n_rows, meta
-
-    def _accountant(self, req: Request) -> Accountant | None:
-        acc = site_accountant(self.policy, req.server)
-        if acc is not None and self.state is not None and _PRIVACY in self.state.config_records:
-            saved = json.loads(str(self.state.config_records[_PRIVACY]["json"]))
-            return Accountant.from_dict(saved)
-        return acc
-
-    def _save_accountant(self, acc: Accountant | None) -> dict:
-        if acc is None:
-            return {}
-        if self.state is not None:
-            self.state.config_records[_PRIVACY] = ConfigRecord({"json": json.dumps(acc.to_dict())})
-        return {"privacy.epsilon_spent": acc.epsilon_spent, "privacy.releases": acc.made}
-
-    def _aggregate_round(self, req: Request, secure: bool, rule: str, allowed: bool):
-        if not allowed:
-            raise PolicyRefusal(rule, f"this site does not answer {req.phase.value} rounds")
-        if self.policy.require_secure_aggregation and not secure:
-            raise PolicyRefusal(
-                "require-secure-aggregation",
-                f"this site answers {req.phase.value} rounds under secure aggregation only",
-            )
-        check_posterior(req.posterior, self.policy)
-        data, _ = self.table(req, req.posterior.spec)
-        return data
-
-    def _rng(self, req: Request, acc: Accountant | None):
-        """The noise generator of this release (``None`` without DP)."""
-        if acc is None:
-            return None
-        return np.random.default_rng([req.seed, self.partition_id, acc.made, 11])
-
-    def _refine(self, req: Request, secure: bool):
-        data = self._aggregate_round(req, secure, "allow-refine", self.policy.allow_refine)
-        acc = self._accountant(req)
-        stats = release_refinement(
-            data, req.posterior, self._floor(req), self._opts(req), acc, self._rng(req, acc)
-        )
-        arrays = encode_refine(stats)
-        extra = self._save_accountant(acc)
-        return self._secure(arrays, req, secure), data.n_rows, extra
-
-    def _label(self, req: Request, secure: bool):
-        data = self._aggregate_round(req, secure, "allow-labels", self.policy.allow_labels)
-        posterior = req.posterior
-        if req.mapping is not None:
-            labels = map_labels(self._local_labels(data, req), self._checked_mapping(req))
-        else:
-            labels = label_rows(data, posterior, self._opts(req))
-        write_labels(labels_path(self.output_dir(req), self.partition_id), labels)
-        acc = self._accountant(req)
-        marker = 0 if secure else -1
-        shown = release_label_counts(
-            labels, posterior.n_clusters, self._floor(req), acc, self._rng(req, acc), marker
-        )
-        # Under secure aggregation the server sees only the sum: no per-site scalar about it.
-        extra = {} if secure else {"label.n_suppressed": int((shown == marker).sum())}
-        extra.update(self._save_accountant(acc))
-        arrays = [shown.astype(np.float64 if secure else np.int64)]
-        return self._secure(arrays, req, secure), data.n_rows, extra
-
-    def _secure(self, arrays, req: Request, secure: bool):
-        if not secure:
-            return arrays
+    def _secure(self, arrays, req) -> list:
         if req.secagg_scale is None:
             raise ProtocolError("a securely aggregated round needs secagg.scale")
+        if req.phase is Phase.LABEL:
+            arrays = [np.asarray(a, dtype=np.float64) for a in arrays]
         return secagg.encode_limbs(arrays, req.secagg_scale)
-
-    def _checked_mapping(self, req: Request) -> np.ndarray:
-        m = req.mapping
-        if m.ndim != 1 or (m < 0).any() or (m >= req.posterior.n_clusters).any():
-            raise PolicyRefusal("posterior", "the local-to-global map is not valid")
-        return m
-
-    def _local_labels(self, data, req: Request) -> np.ndarray:
-        if self.state is None or _LOCAL_SOURCE not in self.state.array_records:
-            raise PolicyRefusal("label-mode", "map labelling needs this site's local fit")
-        source = Source.from_arrays(self.state[_LOCAL_SOURCE].to_numpy_ndarrays())
-        if len(req.mapping) != source.n_clusters:
-            raise PolicyRefusal("posterior", "the map does not match this site's local clusters")
-        problem = Problem.build(data, req.posterior.spec, options=self._opts(req))
-        return labels_of(problem, source)
 
 
 def secagg_mod(msg, ctxt, call_next):
@@ -364,11 +223,13 @@ def secagg_mod(msg, ctxt, call_next):
     return secaggplus_mod(msg, ctxt, call_next)
 
 
-def make_client_fn(policy_for=None, partition_offset: int = 0):
+def make_client_fn(policy_for=None, partition_offset: int = 0, rng_for=None):
     """``client_fn(context)`` of the site's ClientApp: ``policy_for(partition_id) ->
-    SitePolicy`` replaces the node config's policy (the simulation's built-in sites use it to
-    opt in to server-sent paths), and ``partition_offset`` shifts the simulation's partition
-    ids (sites added to a model)."""
+    SitePolicy`` replaces the node config's policy (the simulation's built-in sites get their
+    data path, label column and output folder this way, per partition id: never from the
+    server); ``partition_offset`` shifts the simulation's partition ids (sites added to a
+    model); ``rng_for(partition_id) -> np.random.Generator`` gives the site's noise generator
+    (tests pin it; default: OS entropy)."""
 
     def client_fn(context: Context):
         """The site's client from its node config (a config error stays on the site)."""
@@ -378,7 +239,8 @@ def make_client_fn(policy_for=None, partition_offset: int = 0):
             policy = None
             if policy_for is not None:
                 policy = policy_for(node_config["partition-id"])
-            return FedviClient(node_config, context.state, policy).to_client()
+            rng = None if rng_for is None else rng_for(node_config["partition-id"])
+            return FedviClient(node_config, context.state, policy, rng).to_client()
         except Exception as exc:  # the site's own configuration: details stay in its log
             log(ERROR, "the node config is not valid", exc_info=exc)
             pid = node_config.get("partition-id")
@@ -393,9 +255,11 @@ def make_client_fn(policy_for=None, partition_offset: int = 0):
     return client_fn
 
 
-def make_client_app(policy_for=None, partition_offset: int = 0) -> ClientApp:
+def make_client_app(policy_for=None, partition_offset: int = 0, rng_for=None) -> ClientApp:
     """The site's ``ClientApp`` (see :func:`make_client_fn`), with :func:`secagg_mod`."""
-    return ClientApp(client_fn=make_client_fn(policy_for, partition_offset), mods=[secagg_mod])
+    return ClientApp(
+        client_fn=make_client_fn(policy_for, partition_offset, rng_for), mods=[secagg_mod]
+    )
 
 
 #: The deployed site's app (``[tool.flwr.app.components] clientapp``): policy from the node config.
