@@ -397,7 +397,8 @@ class Coordinator:
         return secagg.secagg_scale(bound)
 
     # --- rounds -------------------------------------------------------------------------------
-    def _request(self, phase: Phase, site: int | None, secure: bool) -> Request:
+    def request(self, phase: Phase, site: int | None = None, secure: bool = False) -> Request:
+        """The request of ``phase`` for ``site`` (the same for every site, except map labels)."""
         posterior = mapping = None
         if phase in (Phase.REFINE, Phase.LABEL):
             posterior = self.posterior
@@ -443,9 +444,9 @@ class Coordinator:
                 use_map = self.server.label_mode == "map" and self.one_shot
                 self.result.label_mode = "map" if use_map else "posterior"
             if phase is Phase.LABEL and self.result.label_mode == "map":
-                requests = {s: self._request(phase, s, secure) for s in sites}
+                requests = {s: self.request(phase, s, secure) for s in sites}
             else:
-                common = self._request(phase, None, secure)
+                common = self.request(phase, None, secure)
                 requests = dict.fromkeys(sites, common)
             self._open = Round(number, phase, requests, secure)
             self._t0 = time.perf_counter()

@@ -87,12 +87,6 @@ class SitePolicy:
         "<output-dir>/.fedvi-cache)",
         Optional(Text()),
     )
-    allow_server_paths: bool = setting(
-        False,
-        "accept a data path, label column and output folder sent by the server (only the "
-        "simulation's built-in sites set this)",
-        Boolean(),
-    )
     backend: str | None = setting(
         None,
         "this site's compute backend ('numpy' or 'torch'); None: the run's",

@@ -177,6 +177,21 @@ def encode_request(
     return arrays, config
 
 
+def encode_request_of(req: Request) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """:func:`encode_request` of a typed :class:`Request`."""
+    return encode_request(
+        req.phase,
+        req.spec,
+        req.fit,
+        req.server,
+        req.seed,
+        posterior=req.posterior,
+        mapping=req.mapping,
+        secagg_scale=req.secagg_scale,
+        variable_order=req.variable_order,
+    )
+
+
 def _json_strings(config: Mapping[str, Any], key: str) -> list[str]:
     """``config[key]``, a JSON list, as strings."""
     try:
@@ -453,7 +468,8 @@ def encode_reply(reply: Reply) -> tuple[list[np.ndarray], dict[str, Any]]:
     raise TypeError(f"not a reply: {type(reply).__name__}")
 
 
-def _privacy_of(metrics: Mapping[str, Any]) -> dict | None:
+def privacy_of(metrics: Mapping[str, Any]) -> dict | None:
+    """A reply's privacy spending (``epsilon_spent``, ``releases``), or ``None``."""
     got = {k.split(".", 1)[1]: metrics[k] for k in _PRIVACY_KEYS if k in metrics}
     return got or None
 
@@ -483,7 +499,7 @@ def decode_reply(
             )
         if phase is Phase.REFINE:
             stats = decode_refine(arrays, posterior, n_rows)
-            return RefineReply(stats, seconds, _privacy_of(metrics))
+            return RefineReply(stats, seconds, privacy_of(metrics))
         if len(arrays) != 1:
             raise ProtocolError(f"a label reply has 1 array, got {len(arrays)}")
         n_supp = metrics.get("label.n_suppressed")
@@ -491,7 +507,7 @@ def decode_reply(
             np.asarray(arrays[0]),
             None if n_supp is None else int(n_supp),
             seconds,
-            _privacy_of(metrics),
+            privacy_of(metrics),
         )
     except ProtocolError:
         raise

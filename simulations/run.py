@@ -95,19 +95,24 @@ def run_federation(
     settings = dataclasses.replace(
         settings, federation=dataclasses.replace(settings.federation, sites=n, site_ids=ids)
     )
-    sim_paths = {
-        "sim.data_paths": [""] * offset + list(paths),
-        "sim.label_column": label_column,
-        "sim.output_dir": os.path.join(run_dir, "labels"),
-    }
     resources = backend_config(settings.federation)
     slots = max(
         1, int(resources["init_args"]["num_cpus"] // resources["client_resources"]["num_cpus"])
     )
-    strategy = build_strategy(settings, sim_paths=sim_paths, resume=resume, site_slots=slots)
-    # The simulation's own sites accept the paths above; a deployed site never does.
-    site_policy = dataclasses.replace(settings.site, allow_server_paths=True)
-    client_app = make_client_app(lambda pid: site_policy, partition_offset=offset)
+    strategy = build_strategy(settings, resume=resume, site_slots=slots)
+    # The simulation's own sites get their files from the ClientApp factory, per partition id
+    # (as a deployed site gets them from its node config): the server never names a path.
+    labels_dir = os.path.join(run_dir, "labels")
+
+    def site_policy(pid: int):
+        return dataclasses.replace(
+            settings.site,
+            data_path=str(paths[pid - offset]),
+            label_column=settings.site.label_column or label_column,
+            output_dir=labels_dir,
+        )
+
+    client_app = make_client_app(site_policy, partition_offset=offset)
     server_app = ServerApp()
 
     @server_app.main()

@@ -37,7 +37,7 @@ class RunFailed(RuntimeError):
     """The run did not complete (the reason is in ``results.json``)."""
 
 
-def build_strategy(settings: RunSettings, sim_paths=None, resume=None, site_slots=None):
+def build_strategy(settings: RunSettings, resume=None, site_slots=None):
     """The FedMerDel strategy of a run's settings."""
     return FedMerDel(
         settings.spec,
@@ -46,7 +46,6 @@ def build_strategy(settings: RunSettings, sim_paths=None, resume=None, site_slot
         settings.strategy,
         settings.federation.expected(),
         seed=settings.seed,
-        sim_paths=sim_paths,
         resume=resume,
         site_slots=site_slots,
     )

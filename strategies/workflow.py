@@ -24,6 +24,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
 from fedvi import secagg
+from fedvi.protocol import Phase
 from strategies.fedmerdel import FedMerDel
 
 
@@ -76,6 +77,24 @@ def plain_fit_round(grid, context: LegacyContext, timeout: float) -> None:
         context.history.add_metrics_distributed_fit(server_round=rnd, metrics=metrics)
 
 
+def phase_timeout(strategy: FedMerDel, phase: Phase) -> float:
+    """Seconds a site has to answer ``phase``: the configured ``round_timeout``, else a bound
+    derived from the largest site's table (rows x variables) from pre-flight, stretched when
+    sites take turns for a simulation's CPU slots (``site_slots``)."""
+    options = strategy.options
+    if phase is Phase.PREFLIGHT:
+        return options.preflight_timeout
+    if options.round_timeout is not None:
+        return options.round_timeout
+    pre = strategy.coordinator.preflights
+    cells = max((p.n_rows * p.n_features for p in pre.values()), default=1e6)
+    slots = strategy.site_slots
+    waves = -(-max(len(pre), 1) // slots) if slots else 1
+    if phase is Phase.LOCAL:
+        return 120.0 + 3e-6 * cells * waves
+    return 60.0 + 5e-7 * cells * waves
+
+
 class PhaseFitWorkflow:
     """The fit workflow of a :class:`FedMerDel` run (see the module docstring)."""
 
@@ -84,9 +103,11 @@ class PhaseFitWorkflow:
 
     def __call__(self, grid, context: Context) -> None:
         rnd = _current_round(context)
-        phase = self.strategy.phase(rnd)
-        timeout = self.strategy.timeout_for(phase)
-        if self.strategy.secure_round(rnd):
+        plan = self.strategy.round(rnd)
+        if plan is None:  # the run is over (refinement stopped before its last round)
+            return
+        timeout = phase_timeout(self.strategy, plan.phase)
+        if plan.secure:
             SecAggPlusWorkflow(
                 num_shares=1.0,
                 reconstruction_threshold=0.67,

@@ -119,22 +119,24 @@ def test_n_components_above_the_cap_is_refused(site):
 
 @pytest.mark.parametrize("key", ["sim.data_paths", "sim.label_column", "sim.output_dir"])
 def test_server_sent_paths_are_refused(site, tmp_path, key):
+    """No site reads a path from the server: the keys that once carried the simulation's paths
+    are unknown round-config keys, refused before anything is read."""
     client, _, path = site
     other = tmp_path / "other_private.csv"
     other.write_text(f"name,x\n{SECRET},1\n")
-    value = [str(other)] * 4 if key == "sim.data_paths" else str(other)
-    text = refused(client, "preflight", "allow-server-paths", sim_paths={key: value})
+    arrays, config = encode_request(
+        "preflight", fedvi.MixtureSpec(n_components=10), FitOptions(), ServerOptions(), 0
+    )
+    config[key] = str(other)
+    with pytest.raises(SiteError) as err:
+        client.fit(arrays, config)
+    text = str(err.value)
+    assert "unknown round-config keys" in text and key in text
     no_leak(text, other, path, SECRET, "name")
 
 
 def test_a_site_without_a_data_path_does_not_take_one_from_the_server(tmp_path):
-    other = tmp_path / "other.npy"
-    np.save(other, np.zeros((10, 3), dtype=np.int8))
     client = FedviClient({"partition-id": 3})
-    text = refused(
-        client, "preflight", "allow-server-paths", sim_paths={"sim.data_paths": [str(other)] * 4}
-    )
-    no_leak(text, other)
     refused(client, "preflight", "data-path")
 
 

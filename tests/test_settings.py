@@ -19,12 +19,14 @@ pytest.importorskip("flwr", reason="the Flower layer: pip install -e .[app]")
 
 import fedvi  # noqa: E402
 import fedvi.flower.client as client_module  # noqa: E402
+import fedvi.site_agent as site_agent  # noqa: E402
 from fedvi.options import FitOptions, ServerOptions  # noqa: E402
 from fedvi.policy import SitePolicy  # noqa: E402
-from fedvi.protocol import decode_request  # noqa: E402
+from fedvi.protocol import Phase, decode_request  # noqa: E402
 from fedvi.settings import numpydoc  # noqa: E402
 from fedvi.spec import MixtureSpec  # noqa: E402
 from strategies.config import GROUPS, RunSettings, compose_config  # noqa: E402
+from strategies.fedmerdel import fitins  # noqa: E402
 from strategies.options import FederationOptions, StrategyOptions  # noqa: E402
 from strategies.server_app import build_strategy  # noqa: E402
 
@@ -92,7 +94,6 @@ VALUES = {
         "label_column": ("y", "y"),
         "output_dir": ("/data/out", "/data/out"),
         "cache_dir": ("/data/cache", "/data/cache"),
-        "allow_server_paths": (True, "true"),
         "backend": ("torch", "torch"),
         "device": ("cuda", "cuda"),
     },
@@ -164,8 +165,9 @@ def test_every_model_fit_and_server_field_reaches_the_sites_fit(tmp_path, monkey
     changed = dataclasses.replace(getattr(base, attr), **change)
     settings = dataclasses.replace(base, **{attr: changed})
     strategy = build_strategy(settings)
-    strategy.agreed_spec = settings.spec if settings.spec.resolved else None
-    ins = strategy.request(strategy.phases[1])  # the local round
+    coordinator = strategy.coordinator
+    coordinator.agreed_spec = settings.spec if settings.spec.resolved else None
+    ins = fitins(coordinator.request(Phase.LOCAL))  # the local round
     from flwr.common import parameters_to_ndarrays
 
     req = decode_request(parameters_to_ndarrays(ins.parameters), ins.config)
@@ -180,7 +182,7 @@ def test_every_model_fit_and_server_field_reaches_the_sites_fit(tmp_path, monkey
         seen.update(spec=spec, fit=options, floor=min_cluster_size)
         raise RuntimeError("captured")
 
-    monkeypatch.setattr(client_module, "fit_site", capture)
+    monkeypatch.setattr(site_agent, "fit_site", capture)
     site = client_module.FedviClient(
         {"partition-id": 0, "data-path": str(path), "max-components": 1000}
     )

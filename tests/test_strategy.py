@@ -1,5 +1,6 @@
-"""The FedMerDel strategy driven by Flower's own server loop, with the real site clients
-(tests/flower_local.py): the whole protocol, its identity and pre-flight checks, and faults."""
+"""The FedMerDel strategy through its production runner (``PhaseFitWorkflow`` on Flower's
+``DefaultWorkflow``), with the real site ClientApps on an in-process Grid (tests/flower_local.py):
+the whole protocol, its identity and pre-flight checks, and faults."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ pytest.importorskip("flwr", reason="the Flower layer: pip install -e .[app]")
 
 from flower_local import (  # noqa: E402
     LocalProxy,
+    grid_for,
     make_strategy,
-    proxies_for,
     run_protocol,
     site_client,
     write_sites,
@@ -26,8 +27,9 @@ import fedvi  # noqa: E402
 from fedvi.io import read_labels  # noqa: E402
 from fedvi.metrics import adjusted_rand_index  # noqa: E402
 from fedvi.options import FitOptions, ServerOptions  # noqa: E402
+from fedvi.protocol import Phase  # noqa: E402
 from fedvi.simulate import simulate, split_sites  # noqa: E402
-from strategies.fedmerdel import SiteFailureError, SiteIdentityError  # noqa: E402
+from strategies.fedmerdel import SiteFailureError, SiteIdentityError, fitins  # noqa: E402
 from strategies.options import StrategyOptions  # noqa: E402
 from strategies.outputs import write_outputs  # noqa: E402
 
@@ -41,20 +43,16 @@ def labels_of(tmp_path, ids):
     return [read_labels(tmp_path / "labels" / f"labels_site{b}.csv") for b in ids]
 
 
-class LosesDataProxy(LocalProxy):
-    """A site whose data file (and cache) disappears after its local fit (fails mid-run)."""
+def loses_data(path, node_id=1001):
+    """A fault: site ``node_id``'s data file (and cache) disappears after its local fit."""
 
-    def __init__(self, node_id, client, path):
-        super().__init__(node_id, client)
-        self.path = path
-
-    def fit(self, ins, timeout, group_id):
-        res = super().fit(ins, timeout, group_id)
-        if ins.config.get("fedvi.phase") == "local":
-            self.path.unlink()
-            for cached in (self.path.parent / "labels" / ".fedvi-cache").glob("*"):
+    def after(nid, phase):
+        if nid == node_id and phase == "local":
+            path.unlink()
+            for cached in (path.parent / "labels" / ".fedvi-cache").glob("*"):
                 cached.unlink()
-        return res
+
+    return after
 
 
 CASES = [
@@ -71,7 +69,8 @@ def test_protocol_reproduces_federated_fit(tmp_path, likelihood, server, model):
     paths = write_sites(tmp_path, tables)
     spec = fedvi.MixtureSpec(likelihood, n_components=12, **model)
     strategy = run_protocol(
-        make_strategy(paths, tmp_path, spec=spec, server=ServerOptions(**server)), proxies_for(3)
+        make_strategy(paths, tmp_path, spec=spec, server=ServerOptions(**server)),
+        grid_for(paths, tmp_path),
     )
     ref = fedvi.federated_fit(tables, likelihood, n_components=12, seed=7, **model, **server)
     o = strategy.result
@@ -105,7 +104,7 @@ def test_categorical_levels_are_agreed_in_preflight(tmp_path):
     tables[1] = np.minimum(tables[1], 1)  # this site never sees level 2
     paths = write_sites(tmp_path, tables)
     spec = fedvi.MixtureSpec("categorical", n_components=12)
-    strategy = run_protocol(make_strategy(paths, tmp_path, spec=spec), proxies_for(3))
+    strategy = run_protocol(make_strategy(paths, tmp_path, spec=spec), grid_for(paths, tmp_path))
     assert strategy.agreed_spec.n_levels == (3,) * 15
     assert strategy.result.sites[1].schema["levels"] == [2] * 15
     ref = fedvi.federated_fit(tables, "categorical", n_components=12, seed=7)
@@ -125,14 +124,14 @@ def test_schema_mismatch_is_named_in_preflight_and_the_run_goes_on(tmp_path):
     strategy = make_strategy(
         paths, tmp_path, options=StrategyOptions(wait_for_sites=5, min_sites=2)
     )
-    proxies = proxies_for(3)
-    run_protocol(strategy, proxies)
+    grid = grid_for(paths, tmp_path)
+    run_protocol(strategy, grid)
     o = strategy.result
     assert o.status == "completed_with_failures"
     (fail,) = o.failures
-    assert fail["phase"] == "preflight" and fail["site"] == 2
+    assert fail["phase"] == "preflight" and fail["site"] == 2 and fail["cause"] == "schema"
     assert "variables #[5] renamed" in fail["error"]
-    assert proxies[2].rounds == 1  # no local fit on the excluded site
+    assert grid.asked(1002) == 1  # no local fit on the excluded site
     assert sorted(s for s, r in o.sites.items() if r.status == "ok") == [0, 1]
     ref = fedvi.federated_fit(tables[:2], n_components=12, seed=7, feature_names=names)
     assert o.n_clusters == ref.n_clusters
@@ -144,11 +143,11 @@ def test_mismatch_below_min_sites_stops_before_any_fit(tmp_path):
     tables[1] = tables[1][:, :-2]
     paths = write_sites(tmp_path, tables)
     strategy = make_strategy(paths, tmp_path)
-    proxies = proxies_for(3)
+    grid = grid_for(paths, tmp_path)
     with pytest.raises(SiteFailureError, match=r"preflight.*only 2 of 3.*site 1: schema differs"):
-        run_protocol(strategy, proxies)
+        run_protocol(strategy, grid)
     assert "13 variables instead of 15" in strategy.result.failures[0]["error"]
-    assert all(p.rounds == 1 for p in proxies)
+    assert all(grid.asked(n) == 1 for n in (1000, 1001, 1002))
     assert strategy.result.status == "failed"
 
 
@@ -159,7 +158,7 @@ def test_unreadable_file_is_named_and_run_continues(tmp_path):
     strategy = make_strategy(
         paths, tmp_path, options=StrategyOptions(wait_for_sites=5, min_sites=2)
     )
-    run_protocol(strategy, proxies_for(3))
+    run_protocol(strategy, grid_for(paths, tmp_path))
     o = strategy.result
     assert o.status == "completed_with_failures" and o.n_clusters >= 1
     (fail,) = o.failures
@@ -175,22 +174,21 @@ def test_too_few_sites_stop_the_run_with_the_reasons(tmp_path):
     paths[0].unlink()
     strategy = make_strategy(paths, tmp_path)
     with pytest.raises(SiteFailureError, match=r"only 2 of 3 sites.*site 0: "):
-        run_protocol(strategy, proxies_for(3))
+        run_protocol(strategy, grid_for(paths, tmp_path))
 
 
 @pytest.mark.parametrize(("rounds", "phase"), [(0, "label"), (2, "refine")])
 def test_site_failing_mid_run_is_named(tmp_path, rounds, phase):
     tables = sites()
     paths = write_sites(tmp_path, tables)
-    proxies = proxies_for(3)
-    proxies[1] = LosesDataProxy(1001, proxies[1].client, paths[1])
+    grid = grid_for(paths, tmp_path, after=loses_data(paths[1]))
     strategy = make_strategy(
         paths,
         tmp_path,
         server=ServerOptions(refine_rounds=rounds),
         options=StrategyOptions(wait_for_sites=5, min_sites=2),
     )
-    run_protocol(strategy, proxies)
+    run_protocol(strategy, grid)
     o = strategy.result
     assert o.status == "completed_with_failures"
     assert [(f["phase"], f["site"], f["node"]) for f in o.failures] == [(phase, 1, "1001")]
@@ -203,31 +201,28 @@ def test_site_failing_mid_run_is_named(tmp_path, rounds, phase):
 def test_unexpected_node_is_not_used_and_duplicates_stop_the_run(tmp_path):
     tables = sites()
     paths = write_sites(tmp_path, [*tables, tables[0]])
-    extra = LocalProxy(1009, site_client(9))
     strategy = make_strategy(paths[:3], tmp_path)
-    strategy.sim_paths["sim.data_paths"] = [str(p) for p in paths[:3]] + [""] * 6 + [str(paths[3])]
-    proxies = [*proxies_for(3), extra]
-    run_protocol(strategy, proxies)
+    grid = grid_for(paths, tmp_path, pids=[0, 1, 2, 9])  # node 1003 says it is site 9
+    run_protocol(strategy, grid)
     o = strategy.result
     assert o.status == "completed" and sorted(o.sites) == [0, 1, 2]
-    assert extra.rounds == 1  # pre-flight only
-    assert any("node 1009 claims site 9" in n for n in o.notes)
+    assert grid.asked(1003) == 1  # pre-flight only
+    assert any("node 1003 claims site 9" in n for n in o.notes)
     ref = fedvi.federated_fit(tables, n_components=12, seed=7)
     assert o.elbo == pytest.approx(ref.elbo, rel=1e-10)
 
-    twin = LocalProxy(1010, site_client(1))
     dup = make_strategy(paths[:3], tmp_path)
-    proxies = [*proxies_for(3), twin]
-    with pytest.raises(SiteIdentityError, match=r"two nodes claim site 1.*1001 and 1010"):
-        run_protocol(dup, proxies)
-    assert all(p.rounds == 1 for p in proxies)
+    grid = grid_for([*paths[:3], paths[1]], tmp_path, pids=[0, 1, 2, 1])
+    with pytest.raises(SiteIdentityError, match=r"two nodes claim site 1.*1001 and 1003"):
+        run_protocol(dup, grid)
+    assert all(grid.asked(n) == 1 for n in (1000, 1001, 1002, 1003))
 
 
 def test_aggregate_fit_names_failed_replies(tmp_path):
     tables = sites()
     paths = write_sites(tmp_path, tables)
     strategy = make_strategy(paths, tmp_path, options=StrategyOptions(min_sites=2))
-    proxies = proxies_for(3)
+    proxies = [LocalProxy(1000 + b, site_client(b, p, tmp_path)) for b, p in enumerate(paths)]
     # Pre-flight through the strategy itself, then a local round with one error reply and one
     # exception that names no site (a node that died).
     manager = SimpleClientManager()
@@ -259,7 +254,7 @@ def test_round_config_is_scalars_only(tmp_path):
     paths = write_sites(tmp_path, sites())
     spec = fedvi.MixtureSpec("categorical", n_levels=(3,) * 15, relevance_prior=(2.0, 3.0))
     strategy = make_strategy(paths, tmp_path, spec=spec)
-    config = strategy.request(strategy.phase(1)).config
+    config = fitins(strategy.coordinator.request(Phase.PREFLIGHT)).config
     assert all(isinstance(v, (bool, int, float, str)) for v in config.values())
     assert json.loads(config["model.n_levels"]) == [3] * 15
     assert config["fit.moves"] == FitOptions().moves
@@ -270,7 +265,7 @@ def test_ndarrays_of_a_reply_are_exactly_the_summaries(tmp_path):
     """What the strategy decodes is bit for bit what the site's fit released."""
     tables = sites()
     paths = write_sites(tmp_path, tables)
-    strategy = run_protocol(make_strategy(paths, tmp_path), proxies_for(3))
+    strategy = run_protocol(make_strategy(paths, tmp_path), grid_for(paths, tmp_path))
     for b, X in enumerate(tables):
         ref = fedvi.fit_site(X, strategy.agreed_spec, seed=7 + b)
         got = strategy.result.sites[b].summaries
@@ -291,7 +286,7 @@ def test_columns_in_another_order_are_matched_by_name(tmp_path, likelihood):
         np.savez(paths[-1], X=X[:, order], feature_names=np.array([names[j] for j in order]))
         frames.append(pd.DataFrame(X, columns=names))
     spec = fedvi.MixtureSpec(likelihood, n_components=12)
-    strategy = run_protocol(make_strategy(paths, tmp_path, spec=spec), proxies_for(3))
+    strategy = run_protocol(make_strategy(paths, tmp_path, spec=spec), grid_for(paths, tmp_path))
     o = strategy.result
     assert o.status == "completed" and not o.failures
     ref = fedvi.federated_fit(frames, likelihood, n_components=12, seed=7)
@@ -303,12 +298,12 @@ def test_columns_in_another_order_are_matched_by_name(tmp_path, likelihood):
 def test_a_site_requiring_secure_aggregation_is_not_asked_in_a_plain_run(tmp_path):
     tables = sites()
     paths = write_sites(tmp_path, tables)
-    strict = fedvi.SitePolicy(allow_server_paths=True, require_secure_aggregation=True)
-    proxies = proxies_for(3, policies=[None, strict, None])
-    strategy = run_protocol(make_strategy(paths, tmp_path), proxies)
+    strict = fedvi.SitePolicy(require_secure_aggregation=True)
+    grid = grid_for(paths, tmp_path, policies=[None, strict, None])
+    strategy = run_protocol(make_strategy(paths, tmp_path), grid)
     o = strategy.result
     assert o.status == "completed" and not o.failures
-    assert proxies[1].rounds == 2  # pre-flight and its local fit only
+    assert grid.asked(1001) == 2  # pre-flight and its local fit only
     assert o.sites[1].counts is None
     # Its one-shot statistics stay in every refinement round, as a site that does not refine.
     quiet = fedvi.SitePolicy(allow_refine=False, allow_labels=False)
@@ -323,27 +318,18 @@ def test_waiting_names_the_connected_and_the_missing_sites(tmp_path):
     """A site that connects late: while waiting, a progress line every 10 s says which sites
     are connected (by partition id and node) and which are missing; the run then goes on."""
     import logging
-    import threading
 
     tables = sites()
     paths = write_sites(tmp_path, tables)
-    proxies = proxies_for(3)
     strategy = make_strategy(paths, tmp_path, options=StrategyOptions(wait_for_sites=60))
-    manager = SimpleClientManager()
-    for p in proxies[:2]:
-        manager.register(p)
-    late = threading.Timer(13, manager.register, args=(proxies[2],))
+    grid = grid_for(paths, tmp_path, joins_after={1002: 13})
     lines = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())
     logging.getLogger("flwr").addHandler(handler)
     try:
-        late.start()
-        from flwr.server import Server
-
-        Server(client_manager=manager, strategy=strategy).fit(strategy.num_rounds, timeout=None)
+        run_protocol(strategy, grid)
     finally:
-        late.cancel()
         logging.getLogger("flwr").removeHandler(handler)
     waiting = [x for x in lines if x.startswith("fedvi: waiting for sites")]
     assert waiting and "connected site 0 (node 1000), site 1 (node 1001); missing [2]" in waiting[0]

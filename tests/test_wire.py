@@ -19,22 +19,15 @@ from fedvi.simulate import simulate  # noqa: E402
 
 
 def _site(tmp_path, X, pid=0):
+    """A site whose own policy names its file and output folder (``tmp_path/labels``)."""
     path = tmp_path / f"site{pid}.npy"
     np.save(path, X)
-    client = site_client(pid)
-    sim = {"sim.data_paths": [str(path)] * (pid + 1), "sim.output_dir": str(tmp_path)}
-    return client, sim
+    return site_client(pid, path, tmp_path)
 
 
-def _ask(client, phase, spec, sim, posterior=None, server=None):
+def _ask(client, phase, spec, posterior=None, server=None):
     arrays, config = encode_request(
-        phase,
-        spec,
-        FitOptions(),
-        server or ServerOptions(),
-        5,
-        posterior=posterior,
-        sim_paths=sim,
+        phase, spec, FitOptions(), server or ServerOptions(), 5, posterior=posterior
     )
     return client.fit(arrays, config)
 
@@ -50,9 +43,9 @@ def _well_separated(n_rows: int, seed: int = 0) -> np.ndarray:
 
 def test_uplink_is_exactly_the_summaries(tmp_path):
     X = simulate(500, 3, 25, seed=1).X
-    client, sim = _site(tmp_path, X, pid=2)
+    client = _site(tmp_path, X, pid=2)
     spec, _ = shared_spec([X], fedvi.MixtureSpec(n_components=8))
-    arrays, n, metrics = _ask(client, "local", spec, sim)
+    arrays, n, metrics = _ask(client, "local", spec)
     ref = fedvi.fit_site(X, spec, seed=5 + 2)
     expected = ref.summaries.to_arrays()
     assert n == 500 and len(arrays) == len(expected)
@@ -70,8 +63,8 @@ def test_uplink_size_does_not_depend_on_rows(tmp_path):
     spec, _ = shared_spec([small], fedvi.MixtureSpec(n_components=8))
     out = []
     for X in (small, big):
-        client, sim = _site(tmp_path, X)
-        arrays, n, metrics = _ask(client, "local", spec, sim)
+        client = _site(tmp_path, X)
+        arrays, n, metrics = _ask(client, "local", spec)
         assert n == len(X)
         out.append((arrays, metrics))
     (a_small, m_small), (a_big, m_big) = out
@@ -83,14 +76,14 @@ def test_uplink_size_does_not_depend_on_rows(tmp_path):
 
 def test_label_phase_writes_rows_locally_and_sends_counts(tmp_path):
     X = _well_separated(400)
-    client, sim = _site(tmp_path, X)
+    client = _site(tmp_path, X)
     spec, _ = shared_spec([X], fedvi.MixtureSpec(n_components=8))
-    arrays, _, metrics = _ask(client, "local", spec, sim)
+    arrays, _, metrics = _ask(client, "local", spec)
     post = fedvi.global_merge([decode_summaries(arrays, metrics, "summaries")]).posterior
     (counts,), n, label_metrics = _ask(
-        client, "label", post.spec, sim, posterior=post, server=ServerOptions(min_cluster_size=150)
+        client, "label", post.spec, posterior=post, server=ServerOptions(min_cluster_size=150)
     )
-    labels = read_labels(tmp_path / "labels_site0.csv")
+    labels = read_labels(tmp_path / "labels" / "labels_site0.csv")
     assert counts.shape == (post.n_clusters,)
     np.testing.assert_array_equal(labels, fedvi.label_rows(fedvi.encode(X, post.spec), post))
     true_counts = np.bincount(labels, minlength=post.n_clusters)
