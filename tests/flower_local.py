@@ -12,6 +12,7 @@ function call (so a run takes a second, without the simulation engine's start-up
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from types import SimpleNamespace
 from uuid import uuid4
@@ -99,8 +100,8 @@ class LocalGrid(Grid):
                 self.rounds[nid].add(msg.metadata.group_id)
             if nid in self.silent:
                 continue
-            try:
-                reply = self.apps[nid](msg, self.contexts[nid])
+            try:  # the node gets its own copy, as it would after the wire's serialisation
+                reply = self.apps[nid](copy.deepcopy(msg), self.contexts[nid])
             except Exception as ex:  # what the SuperNode reports: the exception's text
                 reason = str(type(ex)) + ":<'" + str(ex) + "'>"
                 reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)

@@ -334,3 +334,23 @@ def test_waiting_names_the_connected_and_the_missing_sites(tmp_path):
     waiting = [x for x in lines if x.startswith("fedvi: waiting for sites")]
     assert waiting and "connected site 0 (node 1000), site 1 (node 1001); missing [2]" in waiting[0]
     assert strategy.result.status == "completed" and sorted(strategy.result.sites) == [0, 1, 2]
+
+
+def test_secure_rounds_run_through_the_workflow(tmp_path):
+    """SecAgg+ refinement and label rounds (PhaseFitWorkflow's secure path, the sites' own
+    secagg mod): the server sees only sums, and the run is the plain run's."""
+    tables = sites()
+    paths = write_sites(tmp_path, tables)
+    options = StrategyOptions(wait_for_sites=5, secure_aggregation=True)
+    strategy = run_protocol(
+        make_strategy(paths, tmp_path, options=options), grid_for(paths, tmp_path)
+    )
+    o = strategy.result
+    assert o.status == "completed" and not o.failures
+    ref = fedvi.federated_fit(tables, n_components=12, seed=7)
+    assert o.n_clusters == ref.n_clusters
+    assert o.elbo_history == pytest.approx(ref.elbo_history, rel=1e-9)
+    assert all(o.sites[b].counts is None for b in range(3))  # no site's counts, only the sum
+    total = sum(np.where(ref.sites[b].counts > 0, ref.sites[b].counts, 0) for b in range(3))
+    assert o.privacy["label_counts_total"] == total.tolist()
+    assert o.privacy["secure_aggregation"] is True
