@@ -12,9 +12,11 @@ side effects at the edges (the method is explained in docs/method.md):
   their arithmetic), ``elbo``, ``vi`` (streamed CAVI passes), ``init`` (k-modes), ``moves`` and
   ``merdel`` (merge/delete moves and the local loop), ``global_merge``, ``labels``,
   ``privacy`` (disclosure floor, differential privacy);
-- pipelines: ``site`` (:func:`fit_site`), ``mixture`` (:class:`MixtureVI`), ``federated``
-  (:func:`federated_fit`, :func:`extend`), ``model`` (:class:`FittedModel`, model files),
-  ``result`` (:class:`FederatedResult`);
+- pipelines: ``site`` (:func:`fit_site`), ``mixture`` (:class:`MixtureVI`), ``coordinator``
+  (the federated run as a state machine over phases, for any engine), ``reply_checks`` (what a
+  site's reply must satisfy), ``site_agent`` (what a site does in each phase), ``federated``
+  (the in-process engine: :func:`federated_fit`, :func:`extend`), ``model``
+  (:class:`FittedModel`, model files), ``result`` (:class:`FederatedResult`);
 - the Flower layer lives in ``fedvi.flower`` (the site's ClientApp) and ``fedvi.protocol`` (the
   wire format shared with the server in ``strategies/``); nothing here imports Flower.
 """
