@@ -182,6 +182,9 @@ def extend(
     tables = site_list(datasets, "datasets")
     start = max(model.site_ids) + 1 if model.site_ids else 0
     ids = list(range(start, start + len(tables))) if site_ids is None else list(site_ids)
+    overlap = sorted(set(ids) & set(model.site_ids))
+    if overlap:  # the caller named them: an error, not a site left out
+        raise ValueError(f"sites {overlap} are already in the model")
     policies = policies_for(policy, len(tables))
     agents = agents_for(tables, ids, policies, _rngs(rng, len(tables)))
     posterior_labels = dataclasses.replace(server, label_mode="posterior")
