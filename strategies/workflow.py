@@ -10,7 +10,7 @@ to the end on a Grid (deployment or simulation).
 
 from __future__ import annotations
 
-from logging import INFO
+from logging import DEBUG
 from typing import cast
 
 import flwr.compat.common.recorddict_compat as compat
@@ -25,6 +25,7 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 
 from fedvi import secagg
 from strategies.fedmerdel import FedMerDel
+from strategies.node_status import WatchedGrid, send_and_watch
 
 
 def _current_round(context: LegacyContext) -> int:
@@ -32,8 +33,11 @@ def _current_round(context: LegacyContext) -> int:
 
 
 def plain_fit_round(grid, context: LegacyContext, timeout: float) -> None:
-    """Flower's default fit round, with a timeout; a node that did not answer in time is left
-    to the strategy, which names every site it asked and did not hear from."""
+    """Flower's default fit round, with a timeout, watching the SuperLink's node list while it
+    waits (:func:`strategies.node_status.send_and_watch`): a node that goes offline is handed
+    to the strategy as a :class:`NodeOffline` as soon as the SuperLink notices, one still
+    silent at the timeout as a :class:`RoundTimeout`, a site's own error as a failed
+    ``FitRes``."""
     rnd = _current_round(context)
     arr_record = context.state.array_records[MAIN_PARAMS_RECORD]
     parameters = compat.arrayrecord_to_parameters(arr_record, keep_input=True)
@@ -52,7 +56,11 @@ def plain_fit_round(grid, context: LegacyContext, timeout: float) -> None:
             )
             for proxy, ins in instructions
         ]
-        for msg in grid.send_and_receive(messages, timeout=timeout):
+        phase = context.strategy.phase(rnd).value
+        site_of = getattr(context.strategy, "node_site", {})
+        replies, lost = send_and_watch(grid, messages, timeout, phase, site_of)
+        failures.extend(lost)  # NodeOffline / RoundTimeout, each with its node and site
+        for msg in replies:
             proxy = proxies.get(msg.metadata.src_node_id)
             if msg.has_content() and proxy is not None:
                 res = compat.recorddict_to_fitres(msg.content, False)
@@ -67,7 +75,7 @@ def plain_fit_round(grid, context: LegacyContext, timeout: float) -> None:
                 )
             else:
                 failures.append(RuntimeError(msg.error.reason if msg.has_error() else "reply"))
-    log(INFO, "round %d: %d replies, %d failures", rnd, len(results), len(failures))
+    log(DEBUG, "round %d: %d replies, %d failures", rnd, len(results), len(failures))
     params, metrics = context.strategy.aggregate_fit(rnd, results, failures)
     if params:
         context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
@@ -87,6 +95,9 @@ class PhaseFitWorkflow:
         phase = self.strategy.phase(rnd)
         timeout = self.strategy.timeout_for(phase)
         if self.strategy.secure_round(rnd):
+            # The SecAgg+ stages call the Grid themselves: the watched Grid stops waiting for a
+            # node the SuperLink lists as offline.
+            watched = WatchedGrid(grid, self.strategy.phase(rnd).value, self.strategy.node_site)
             SecAggPlusWorkflow(
                 num_shares=1.0,
                 reconstruction_threshold=0.67,
@@ -95,7 +106,7 @@ class PhaseFitWorkflow:
                 quantization_range=secagg.QUANTIZATION_RANGE,
                 modulus_range=secagg.MODULUS_RANGE,
                 timeout=timeout,
-            )(grid, context)
+            )(watched, context)
             self.strategy.after_secure_round(rnd)
         else:
             plain_fit_round(grid, context, timeout)
