@@ -573,6 +573,26 @@ def _csv_line_of_row(path: str, row: int) -> int | None:
     return None
 
 
+def locate_error(exc: DataError, path: str | os.PathLike) -> DataFileError:
+    """``exc``, raised while checking the table read from ``path``, with the file and, for a
+    data row of a CSV file, the file line in front: ``<file>, line <l>: <message>`` (the
+    message keeps the 1-based data row, the column and the value). An error that already names
+    its file (a :class:`DataFileError`) is returned as it is."""
+    if isinstance(exc, DataFileError):
+        return exc
+    path = os.fspath(path)
+    where = path
+    if exc.row is not None and os.path.splitext(path)[1].lower() == ".csv":
+        with contextlib.suppress(OSError):
+            line = _csv_line_of_row(path, exc.row + 1)
+            if line is not None:
+                where += f", line {line}"
+    kind = exc.kind if exc.kind in KINDS else "bad-value"
+    located = DataFileError(f"{where}: {exc}", kind=kind)
+    located.row = exc.row
+    return located
+
+
 def _csv_line_of_row_slow(path: str, row: int) -> int | None:
     target, count, prev = row + 1, 0, 0
     try:

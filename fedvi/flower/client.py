@@ -38,7 +38,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from fedvi import secagg
 from fedvi.data import DataError
 from fedvi.federated import site_fit_options, site_seed
-from fedvi.io import open_table, write_labels
+from fedvi.flower.site_log import log_failure, log_path, site_errors_mod
+from fedvi.io import locate_error, open_table, write_labels
 from fedvi.labels import label_rows, map_labels, release_label_counts, release_refinement
 from fedvi.options import FitOptions
 from fedvi.policy import PolicyRefusal, SitePolicy, check_posterior, check_request
@@ -65,6 +66,7 @@ from fedvi.protocol import (
 )
 from fedvi.settings import InvalidSetting
 from fedvi.site import encode_site, fit_site
+from fedvi.site_messages import check_schema
 from fedvi.vi import Problem, Source, labels_of
 
 _LOCAL_SOURCE = "fedvi.local-source"
@@ -156,15 +158,17 @@ class FedviClient(NumPyClient):
         )
         if req.variable_order is not None and spec.feature_names is None:
             spec = dataclasses.replace(spec, feature_names=self._ordered(t, req.variable_order))
-        return encode_site(t, spec, min_rows=1, source=self.name)
+        try:
+            return encode_site(t, spec, min_rows=1, source=self.name)
+        except DataError as exc:  # the site's own log names the file and its line
+            raise locate_error(exc, self.data_path(req)) from None
 
     def _ordered(self, table, order) -> tuple[str, ...]:
         """This table's variable names in the run's agreed order (given as name hashes)."""
         if table.feature_names is None:
             raise PolicyRefusal("schema", "the run matches variables by name; this table has none")
+        check_schema(table.feature_names, order)  # names this table's odd columns, at the site
         by_hash = dict(zip(variable_hashes(table.feature_names), table.feature_names, strict=True))
-        if set(by_hash) != set(order):
-            raise PolicyRefusal("schema", "this table's variables differ from the agreed ones")
         return tuple(by_hash[h] for h in order)
 
     # --- NumPyClient ------------------------------------------------------------------------
@@ -192,7 +196,7 @@ class FedviClient(NumPyClient):
             secure = bool(config.get(K_SECAGG, False))
             arrays, n, extra = handler(req, secure)
         except Exception as exc:  # nothing but a safe reason leaves the site
-            log(ERROR, "%s, phase %s failed", self.name, phase, exc_info=exc)
+            log_failure(self.name, phase, exc, log_path(self.policy.output_dir, self.partition_id))
             raise SiteError(
                 site_error_message(self.partition_id, phase, safe_reason(exc))
             ) from None
@@ -380,7 +384,7 @@ def make_client_fn(policy_for=None, partition_offset: int = 0):
                 policy = policy_for(node_config["partition-id"])
             return FedviClient(node_config, context.state, policy).to_client()
         except Exception as exc:  # the site's own configuration: details stay in its log
-            log(ERROR, "the node config is not valid", exc_info=exc)
+            log(ERROR, "the node config is not valid: %s", " ".join(str(exc).split()))
             pid = node_config.get("partition-id")
             raise SiteError(
                 site_error_message(
@@ -395,7 +399,10 @@ def make_client_fn(policy_for=None, partition_offset: int = 0):
 
 def make_client_app(policy_for=None, partition_offset: int = 0) -> ClientApp:
     """The site's ``ClientApp`` (see :func:`make_client_fn`), with :func:`secagg_mod`."""
-    return ClientApp(client_fn=make_client_fn(policy_for, partition_offset), mods=[secagg_mod])
+    return ClientApp(
+        client_fn=make_client_fn(policy_for, partition_offset),
+        mods=[site_errors_mod, secagg_mod],
+    )
 
 
 #: The deployed site's app (``[tool.flwr.app.components] clientapp``): policy from the node config.
