@@ -73,6 +73,7 @@ def results_dict(
             "seconds_by_phase": r.seconds,
             "policy": r.policy,
             "privacy": r.privacy,
+            "label_file": r.label_file,
         }
     res = {
         "status": result.status,

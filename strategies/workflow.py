@@ -24,6 +24,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
 from fedvi import secagg
+from fedvi.label_files import is_label_file_name
 from strategies.fedmerdel import FedMerDel
 from strategies.node_status import WatchedGrid, send_and_watch
 
@@ -116,8 +117,26 @@ def _no_evaluation(grid, context) -> None:
     return None
 
 
+def note_label_files(strategy, results) -> None:
+    """Record in each site's report the label file it says it wrote (``label.file`` in its
+    label reply; only a name of the form :func:`fedvi.label_files.label_file_name`)."""
+    for proxy, res in results:
+        name = res.metrics.get("label.file")
+        site = strategy.node_site.get(proxy.cid)
+        if site in strategy.result.sites and is_label_file_name(name):
+            strategy.result.sites[site].label_file = name
+
+
 def run_strategy(grid, context: Context, strategy: FedMerDel) -> None:
     """Run ``strategy`` to its last round on ``grid`` (raises if the run fails)."""
+    aggregate = strategy.aggregate_fit
+
+    def aggregate_fit(server_round, results, failures):
+        # Plain and SecAgg+ rounds alike hand their replies here (metrics are not masked).
+        note_label_files(strategy, results)
+        return aggregate(server_round, results, failures)
+
+    strategy.aggregate_fit = aggregate_fit
     legacy = LegacyContext(
         context=context,
         config=ServerConfig(num_rounds=strategy.num_rounds),

@@ -23,7 +23,8 @@ from flwr.common import Code, FitRes, Parameters, Status  # noqa: E402
 from flwr.server.client_manager import SimpleClientManager  # noqa: E402
 
 import fedvi  # noqa: E402
-from fedvi.io import read_labels  # noqa: E402
+from fedvi.io import read_labels
+from fedvi.label_files import latest_labels  # noqa: E402
 from fedvi.metrics import adjusted_rand_index  # noqa: E402
 from fedvi.options import FitOptions, ServerOptions  # noqa: E402
 from fedvi.simulate import simulate, split_sites  # noqa: E402
@@ -38,7 +39,7 @@ def sites(likelihood="bernoulli", n_sites=3, seed=0, **kw):
 
 
 def labels_of(tmp_path, ids):
-    return [read_labels(tmp_path / "labels" / f"labels_site{b}.csv") for b in ids]
+    return [read_labels(latest_labels(tmp_path / "labels", b)) for b in ids]
 
 
 class LosesDataProxy(LocalProxy):

@@ -11,8 +11,9 @@ releases; the round config only asks. Each round (:mod:`fedvi.protocol`):
   its floor removed first);
 - ``refine``: statistics per global cluster under the broadcast posterior (checked first),
   restricted to clusters that own at least its floor of rows (or noised, with DP);
-- ``label``: writes its labels to ``<output-dir>/labels_site<id>.csv`` on the site and returns
-  only counts per global cluster, those below its floor suppressed.
+- ``label``: writes its labels to ``<output-dir>/labels_site<id>_run<run>_<model hash>.csv``
+  on the site (a new file per run and model) and returns only counts per global cluster, those
+  below its floor suppressed, and the file's name.
 
 A failure is logged in full on the site; the server gets only a :class:`fedvi.protocol.SiteError`
 naming the phase, the site and the rule or the kind of problem (never a value, header, path or
@@ -40,6 +41,7 @@ from fedvi.data import DataError
 from fedvi.federated import site_fit_options, site_seed
 from fedvi.flower.site_log import log_failure, log_path, site_errors_mod
 from fedvi.io import locate_error, open_table, write_labels
+from fedvi.label_files import label_file_name, latest_labels, model_hash
 from fedvi.labels import label_rows, map_labels, release_label_counts, release_refinement
 from fedvi.options import FitOptions
 from fedvi.policy import PolicyRefusal, SitePolicy, check_posterior, check_request
@@ -89,8 +91,9 @@ def safe_reason(exc: BaseException) -> str:
 
 
 def labels_path(output_dir: str, site: int) -> str:
-    """Where site ``site`` writes its labels (``<output_dir>/labels_site<id>.csv``)."""
-    return os.path.join(output_dir, f"labels_site{site}.csv")
+    """The newest label file site ``site`` wrote in ``output_dir``
+    (:func:`fedvi.label_files.latest_labels`; the names carry the run id and model hash)."""
+    return latest_labels(output_dir, site)
 
 
 class FedviClient(NumPyClient):
@@ -99,8 +102,15 @@ class FedviClient(NumPyClient):
     need: the local fit's source for map labels, the privacy accountant); ``policy``: overrides
     the policy read from the node config (the simulation's built-in sites)."""
 
-    def __init__(self, node_config: dict, state=None, policy: SitePolicy | None = None):
+    def __init__(
+        self,
+        node_config: dict,
+        state=None,
+        policy: SitePolicy | None = None,
+        run_id: int | None = None,
+    ):
         self.node_config = dict(node_config)
+        self.run_id = run_id  # names the run's label file
         if "partition-id" not in self.node_config:
             raise ValueError(
                 "the SuperNode has no partition-id: start it with "
@@ -313,7 +323,9 @@ class FedviClient(NumPyClient):
             labels = map_labels(self._local_labels(data, req), self._checked_mapping(req))
         else:
             labels = label_rows(data, posterior, self._opts(req))
-        write_labels(labels_path(self.output_dir(req), self.partition_id), labels)
+        model = model_hash(posterior)
+        name = label_file_name(self.partition_id, self.run_id, model)
+        write_labels(os.path.join(self.output_dir(req), name), labels, model=model)
         acc = self._accountant(req)
         marker = 0 if secure else -1
         shown = release_label_counts(
@@ -321,6 +333,7 @@ class FedviClient(NumPyClient):
         )
         # Under secure aggregation the server sees only the sum: no per-site scalar about it.
         extra = {} if secure else {"label.n_suppressed": int((shown == marker).sum())}
+        extra["label.file"] = name  # the run id and model hash: nothing about the rows
         extra.update(self._save_accountant(acc))
         arrays = [shown.astype(np.float64 if secure else np.int64)]
         return self._secure(arrays, req, secure), data.n_rows, extra
@@ -382,7 +395,7 @@ def make_client_fn(policy_for=None, partition_offset: int = 0):
             policy = None
             if policy_for is not None:
                 policy = policy_for(node_config["partition-id"])
-            return FedviClient(node_config, context.state, policy).to_client()
+            return FedviClient(node_config, context.state, policy, context.run_id).to_client()
         except Exception as exc:  # the site's own configuration: details stay in its log
             log(ERROR, "the node config is not valid: %s", " ".join(str(exc).split()))
             pid = node_config.get("partition-id")
