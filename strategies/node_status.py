@@ -104,6 +104,7 @@ def send_and_watch(
     poll: float | None = None,
     clock: Callable[[], float] | None = None,
     sleep: Callable[[float], None] | None = None,
+    arrivals: dict[int, float] | None = None,
 ) -> tuple[list[Message], list[RoundFailure]]:
     """Send ``messages`` (one per node) and wait up to ``timeout`` s for their replies.
 
@@ -111,7 +112,8 @@ def send_and_watch(
     :class:`NodeOffline` for each node that went offline before replying, a
     :class:`RoundTimeout` for each node still silent at the timeout. ``site_of``: the site of a
     node (by its id as a string; a mapping or a function). ``poll``: seconds between pulls
-    (default: the Grid's own ``pull_interval``, 0.1 s in simulation, else :data:`POLL_SECONDS`)."""
+    (default: the Grid's own ``pull_interval``, 0.1 s in simulation, else :data:`POLL_SECONDS`).
+    ``arrivals``: filled with the seconds after the push at which each node's reply came."""
     if poll is None:
         poll = float(getattr(grid, "pull_interval", POLL_SECONDS))
     clock = clock or time.monotonic
@@ -141,6 +143,8 @@ def send_and_watch(
                 continue
             pending.discard(mid)
             replies.append(msg)
+            if arrivals is not None:
+                arrivals[dst[mid]] = clock() - t0
         if not pending:
             break
         online = _online(grid)

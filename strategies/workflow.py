@@ -10,6 +10,7 @@ to the end on a Grid (deployment or simulation).
 
 from __future__ import annotations
 
+import time
 from logging import DEBUG
 from typing import cast
 
@@ -25,12 +26,20 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 
 from fedvi import secagg
 from fedvi.label_files import is_label_file_name
+from fedvi.protocol import K_SECONDS
 from strategies.fedmerdel import FedMerDel
 from strategies.node_status import WatchedGrid, send_and_watch
 
 
 def _current_round(context: LegacyContext) -> int:
     return cast(int, context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
+
+
+def startup_seconds(arrivals: dict[int, float], site_seconds: dict[int, float]) -> float:
+    """How long the first round waited for the engine and nodes rather than for the sites'
+    work: the earliest reply's arrival minus the seconds that site says it worked (0 if none)."""
+    lags = [arrivals[n] - site_seconds.get(n, 0.0) for n in arrivals]
+    return max(0.0, min(lags)) if lags else 0.0
 
 
 def plain_fit_round(grid, context: LegacyContext, timeout: float) -> None:
@@ -42,10 +51,12 @@ def plain_fit_round(grid, context: LegacyContext, timeout: float) -> None:
     rnd = _current_round(context)
     arr_record = context.state.array_records[MAIN_PARAMS_RECORD]
     parameters = compat.arrayrecord_to_parameters(arr_record, keep_input=True)
+    t0 = time.perf_counter()
     instructions = context.strategy.configure_fit(
         server_round=rnd, parameters=parameters, client_manager=context.client_manager
     )
-    results, failures = [], []
+    waited = time.perf_counter() - t0  # pre-flight: waiting for the sites to connect
+    results, failures, arrivals = [], [], {}
     if instructions:
         proxies = {proxy.node_id: proxy for proxy, _ in instructions}
         messages = [
@@ -59,7 +70,7 @@ def plain_fit_round(grid, context: LegacyContext, timeout: float) -> None:
         ]
         phase = context.strategy.phase(rnd).value
         site_of = getattr(context.strategy, "node_site", {})
-        replies, lost = send_and_watch(grid, messages, timeout, phase, site_of)
+        replies, lost = send_and_watch(grid, messages, timeout, phase, site_of, arrivals=arrivals)
         failures.extend(lost)  # NodeOffline / RoundTimeout, each with its node and site
         for msg in replies:
             proxy = proxies.get(msg.metadata.src_node_id)
@@ -78,6 +89,13 @@ def plain_fit_round(grid, context: LegacyContext, timeout: float) -> None:
                 failures.append(RuntimeError(msg.error.reason if msg.has_error() else "reply"))
     log(DEBUG, "round %d: %d replies, %d failures", rnd, len(results), len(failures))
     params, metrics = context.strategy.aggregate_fit(rnd, results, failures)
+    if rnd == 1:  # start-up (sites connecting, the engine starting) is not pre-flight work
+        worked = {int(p.node_id): float(r.metrics.get(K_SECONDS, 0.0)) for p, r in results}
+        startup = waited + startup_seconds(arrivals, worked)
+        timings = context.strategy.result.timings
+        first = context.strategy.phase(rnd).value
+        timings[first] = max(0.0, timings.get(first, 0.0) - startup)
+        timings["startup"] = startup
     if params:
         context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
             params, True

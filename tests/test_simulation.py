@@ -67,7 +67,8 @@ def check_run_dir(run_dir: Path, overrides: list[str]) -> dict:
     for b, lab in enumerate(ref.labels):
         site = results["sites"][f"site {b}"]
         assert site["n_rows"] == len(lab) and site["converged"] is True
-        assert site["uplink_bytes"] == ref.uplink_bytes[b]
+        assert site["uplink_bytes_by_phase"]["local"] == ref.uplink_bytes[b]
+        assert site["uplink_bytes"] == sum(site["uplink_bytes_by_phase"].values())
     return results
 
 
