@@ -64,8 +64,11 @@ class _ConsoleLines(logging.Filter):
 
 
 def _quiet_flower(run_dir: str) -> None:
+    from flwr.common.logger import update_console_handler
+
     flwr = logging.getLogger("flwr")
     flwr.propagate = False
+    update_console_handler(colored=sys.stdout.isatty())  # no ANSI codes in a redirected log
     for h in flwr.handlers:
         h.addFilter(_ConsoleLines())
     fh = logging.FileHandler(os.path.join(run_dir, "run.log"))

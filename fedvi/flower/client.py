@@ -39,7 +39,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from fedvi import secagg
 from fedvi.data import DataError
 from fedvi.federated import site_fit_options, site_seed
-from fedvi.flower.site_log import log_failure, log_path, site_errors_mod
+from fedvi.flower.site_log import (
+    colour_only_on_a_terminal,
+    log_failure,
+    log_path,
+    site_errors_mod,
+)
 from fedvi.io import locate_error, open_table, write_labels
 from fedvi.label_files import label_file_name, latest_labels, model_hash
 from fedvi.labels import label_rows, map_labels, release_label_counts, release_refinement
@@ -389,6 +394,7 @@ def make_client_fn(policy_for=None, partition_offset: int = 0):
 
     def client_fn(context: Context):
         """The site's client from its node config (a config error stays on the site)."""
+        colour_only_on_a_terminal()
         node_config = dict(context.node_config)
         try:
             node_config["partition-id"] = int(node_config["partition-id"]) + partition_offset

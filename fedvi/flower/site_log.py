@@ -11,13 +11,14 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 import traceback
 from logging import ERROR
 
 from flwr.app import Error, Message
 from flwr.common.constant import ErrorCode
-from flwr.common.logger import log
+from flwr.common.logger import log, update_console_handler
 
 from fedvi.protocol import SiteError
 from fedvi.site_messages import failure_line, is_expected
@@ -43,6 +44,12 @@ def log_failure(site_name: str, phase: str, exc: BaseException, log_file: str | 
         except OSError:  # the console line stands; a full disk must not hide the failure
             pass
     return line
+
+
+def colour_only_on_a_terminal(stream=None) -> None:
+    """Flower's console without ANSI colour codes unless it writes to a terminal."""
+    stream = stream or sys.stdout
+    update_console_handler(colored=bool(getattr(stream, "isatty", lambda: False)()))
 
 
 def site_errors_mod(msg: Message, ctxt, call_next) -> Message:
