@@ -69,6 +69,7 @@ def check_run_dir(run_dir: Path, overrides: list[str]) -> dict:
         assert site["n_rows"] == len(lab) and site["converged"] is True
         assert site["uplink_bytes_by_phase"]["local"] == ref.uplink_bytes[b]
         assert site["uplink_bytes"] == sum(site["uplink_bytes_by_phase"].values())
+        assert site["label_file"] == Path(latest_labels(run_dir / "labels", b)).name
     return results
 
 
