@@ -88,14 +88,16 @@ def plain_fit_round(grid, context: LegacyContext, timeout: float) -> None:
             else:
                 failures.append(RuntimeError(msg.error.reason if msg.has_error() else "reply"))
     log(DEBUG, "round %d: %d replies, %d failures", rnd, len(results), len(failures))
-    params, metrics = context.strategy.aggregate_fit(rnd, results, failures)
-    if rnd == 1:  # start-up (sites connecting, the engine starting) is not pre-flight work
-        worked = {int(p.node_id): float(r.metrics.get(K_SECONDS, 0.0)) for p, r in results}
-        startup = waited + startup_seconds(arrivals, worked)
-        timings = context.strategy.result.timings
-        first = context.strategy.phase(rnd).value
-        timings[first] = max(0.0, timings.get(first, 0.0) - startup)
-        timings["startup"] = startup
+    try:
+        params, metrics = context.strategy.aggregate_fit(rnd, results, failures)
+    finally:
+        if rnd == 1:  # start-up (sites connecting, the engine starting) is not pre-flight work
+            worked = {int(p.node_id): float(r.metrics.get(K_SECONDS, 0.0)) for p, r in results}
+            startup = waited + startup_seconds(arrivals, worked)
+            timings = context.strategy.result.timings
+            first = context.strategy.phase(rnd).value
+            timings[first] = max(0.0, timings.get(first, 0.0) - startup)
+            timings["startup"] = startup
     if params:
         context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
             params, True

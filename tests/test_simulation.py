@@ -91,7 +91,10 @@ def test_default_style_run_matches_federated_fit(tmp_path):
     proc = run([*overrides, f"hydra.run.dir={tmp_path}"])
     results = check_run_dir(tmp_path, overrides)
     assert results["label_mode"] == "map"
-    assert set(results["wall_clock"]) >= {"preflight", "local", "label", "data", "simulation"}
+    wall = results["wall_clock"]
+    assert set(wall) >= {"startup", "preflight", "local", "label", "data", "simulation"}
+    # The engine's start-up is not counted as pre-flight work.
+    assert wall["startup"] > wall["preflight"] and wall["startup"] < wall["simulation"]
     for name in (
         "cluster_profiles.csv",
         "cluster_profiles.png",

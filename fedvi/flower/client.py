@@ -97,8 +97,12 @@ def safe_reason(exc: BaseException) -> str:
 
 def labels_path(output_dir: str, site: int) -> str:
     """The newest label file site ``site`` wrote in ``output_dir``
-    (:func:`fedvi.label_files.latest_labels`; the names carry the run id and model hash)."""
-    return latest_labels(output_dir, site)
+    (:func:`fedvi.label_files.latest_labels`; the names carry the run id and model hash), or a
+    path that does not exist when it wrote none."""
+    try:
+        return latest_labels(output_dir, site)
+    except FileNotFoundError:
+        return os.path.join(output_dir, f"labels_site{site}_none.csv")
 
 
 class FedviClient(NumPyClient):
