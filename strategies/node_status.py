@@ -12,8 +12,8 @@ text is a :func:`fedvi.protocol.site_error_message`, so a strategy that reads fa
 names the cause too.
 
 How soon a dead node is noticed is Flower's: the SuperLink marks a SuperNode offline when it
-missed its heartbeat for twice the heartbeat interval (SIGKILL: about 47 s with flwr 1.42's
-defaults, measured by ``tests/test_deployment.py``; SIGTERM: about 2 s).
+missed its heartbeat for twice the heartbeat interval (SIGKILL during a round: reported 50 s
+after the kill by ``tests/test_deployment.py`` with flwr 1.42's defaults; SIGTERM: about 2 s).
 """
 
 from __future__ import annotations
