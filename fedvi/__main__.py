@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 
-def _write(path: str, labels: np.ndarray) -> str:
+def _write(path: str, labels: np.ndarray, model: str | None = None) -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npy":
         np.save(path, labels)
@@ -31,12 +31,13 @@ def _write(path: str, labels: np.ndarray) -> str:
         return write_table(path, labels[:, None], feature_names=["cluster"])
     from fedvi.io import write_labels
 
-    return write_labels(path, labels)
+    return write_labels(path, labels, model=model)
 
 
 def label(args) -> int:
     from fedvi.data import DataError, encode
     from fedvi.io import read_table
+    from fedvi.label_files import model_hash
     from fedvi.labels import label_counts, label_rows
     from fedvi.model import ModelFileError, load_model
 
@@ -52,12 +53,13 @@ def label(args) -> int:
         return 2
     t = time.perf_counter()
     labels = label_rows(data, model.posterior)
-    out = _write(args.out, labels)
+    digest = model_hash(model.posterior)  # as in the run's own label files
+    out = _write(args.out, labels, digest)
     used = label_counts(labels, model.n_clusters)
     print(
         f"fedvi label: {len(labels)} rows of {args.data} labelled with the {model.n_clusters} "
         f"clusters of {args.model} in {time.perf_counter() - t:.2f} s "
-        f"({int((used > 0).sum())} clusters used); written to {out}"
+        f"({int((used > 0).sum())} clusters used; model {digest}); written to {out}"
     )
     return 0
 
@@ -98,7 +100,9 @@ def main(argv=None) -> int:
     lab = sub.add_parser("label", help="label a table's rows with a fitted model (on the site)")
     lab.add_argument("--model", required=True, help="model file (model.npz of a run)")
     lab.add_argument("--data", required=True, help="the table: .csv, .parquet, .npy or .npz")
-    lab.add_argument("--out", required=True, help="labels file: .csv (row,cluster), .parquet, .npy")
+    lab.add_argument(
+        "--out", required=True, help="labels file: .csv (row,cluster,model), .parquet, .npy"
+    )
     lab.add_argument("--label-column", default=None, help="a column to leave out (known labels)")
     lab.add_argument(
         "--missing",

@@ -64,7 +64,7 @@ from fedvi.spec import MixtureSpec
 from fedvi.summaries import Summaries
 from fedvi.vi import relevance_step
 
-#: Causes of a :class:`Failure`. The first seven come from the engine (what happened to a
+#: Causes of a :class:`Failure`. The first eight come from the engine (what happened to a
 #: request); ``schema`` and ``secagg_halted`` are the coordinator's own decisions.
 CAUSES = (
     "site_error",
@@ -74,12 +74,14 @@ CAUSES = (
     "not_expected",
     "duplicate_id",
     "not_connected",
+    "no_reply",
     "schema",
     "secagg_halted",
 )
 _TEXT = {
-    "offline": "no reply (the node died, left, or timed out)",
-    "timeout": "no reply within the round's timeout",
+    "offline": "node offline (the SuperLink stopped receiving its heartbeat, or it left)",
+    "timeout": "no reply within the round timeout (the node is still online)",
+    "no_reply": "no reply (the node died, left, or timed out)",
     "not_connected": "not connected",
     "secagg_halted": "secure aggregation halted: too few sites answered one of its stages",
 }
@@ -136,6 +138,7 @@ class InSum:
 
     seconds: float = 0.0
     privacy: dict | None = None
+    label_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -292,6 +295,7 @@ class Coordinator:
         self.posterior: Summaries | None = None
         self.membership: np.ndarray | None = None
         self.fixed: dict[int, Summaries] = {}
+        self.schema_told: set[int] = set()  # left out for their schema; told in round 2
         self.refining = True
         self.refined = 0  # refinement rounds applied
         self._next = 0  # index in self.phases
@@ -426,6 +430,11 @@ class Coordinator:
             if phase is Phase.REFINE and not self.refining:
                 continue
             sites = self.participants(phase)
+            if phase is Phase.LOCAL:
+                # A site left out for its schema still gets the local request with the agreed
+                # variables, so that it can say in its own log, by its own column names, what
+                # differs; it refuses before fitting and its answer is not used.
+                sites = sorted({*sites, *self.schema_told})
             secure = self.secure_aggregation and phase in (Phase.REFINE, Phase.LABEL)
             if secure and len(sites) < 2:
                 # SecAgg+ cannot sum one site's arrays.
@@ -472,6 +481,8 @@ class Coordinator:
         self._open = None
         nodes = dict(nodes or {})
         phase = rnd.phase
+        if phase is Phase.LOCAL:  # left out already (schema); asked only to tell its operator
+            replies = {s: r for s, r in replies.items() if s not in self.schema_told}
         try:
             for failure in unattributed:
                 if phase is Phase.PREFLIGHT:
@@ -492,8 +503,8 @@ class Coordinator:
                     self._not_expected(site, nodes.get(site))
                 else:
                     good[site] = reply
-            missing = [s for s in rnd.sites if s not in replies]
-            cause = "not_connected" if phase is Phase.PREFLIGHT else "offline"
+            missing = [s for s in rnd.sites if s not in replies and s not in self.schema_told]
+            cause = "not_connected" if phase is Phase.PREFLIGHT else "no_reply"
             for site in missing:
                 node = self.result.sites[site].node_id if site in self.result.sites else None
                 self.fail(phase, site, Failure(cause, node=node))
@@ -584,6 +595,8 @@ class Coordinator:
                 diff = "non-binary values in a Bernoulli model"
             if diff is not None:
                 self.fail(Phase.PREFLIGHT, s, Failure("schema", diff, self._node(s)))
+                if ref.variable_hashes is not None and pre.variable_hashes is not None:
+                    self.schema_told.add(s)
         ok = self.ok_sites()
         if not ok:
             return
@@ -717,6 +730,7 @@ class Coordinator:
             self.result.privacy["label_counts_total"] = total.tolist()
             for s in summed.sites:
                 self.result.sites[s].counts = None
+                self.result.sites[s].label_file = getattr(good.get(s), "label_file", None)
                 self._seconds(rnd.phase, s, good.get(s, InSum()))
             return
         for site, reply in good.items():
@@ -729,6 +743,7 @@ class Coordinator:
                 self.fail(rnd.phase, site, Failure("malformed", str(exc), self._node(site)))
                 continue
             rep.counts = counts
+            rep.label_file = reply.file
             rep.add_uplink("label", [counts])
             self._seconds(rnd.phase, site, reply)
 

@@ -34,12 +34,15 @@ class DataError(ValueError):
     must not carry the details), the message says exactly where. A file's problems are a
     :class:`fedvi.io.DataFileError`, a subclass."""
 
-    def __init__(self, message: str, kind: str = "bad-value"):
+    def __init__(self, message: str, kind: str = "bad-value", row: int | None = None):
         super().__init__(message)
         self.kind = kind
+        #: The 0-based index of the data row the message names, if it names one (so that a
+        #: reader of the file can add the file and its line: :func:`fedvi.io.locate_error`).
+        self.row = row
 
     def __reduce__(self):
-        return type(self), (str(self), self.kind)
+        return type(self), (str(self), self.kind, self.row)
 
 
 def _where(source: str | None) -> str:
@@ -307,6 +310,7 @@ def _compact_codes(
                     f"X{where}: {describe_cell(start + i, j, names)}: value {show(block[i, j])} is "
                     "not an integer code",
                     kind="bad-value",
+                    row=start + i,
                 )
         else:
             nan = None
@@ -326,6 +330,7 @@ def _compact_codes(
                     f"X{where} must be binary (0/1) for likelihood='bernoulli': "
                     f"{describe_cell(start + i, j, names)}: value {show(block[i, j])}",
                     kind="bad-value",
+                    row=start + i,
                 )
         else:
             bad = (present < 0) | (present > MAX_CODE)
@@ -336,6 +341,7 @@ def _compact_codes(
                     f"X{where}: {describe_cell(start + i, j, names)}: {what} {show(block[i, j])}; "
                     f"codes must be 0..L_d-1 (at most {MAX_CODE})",
                     kind="bad-value",
+                    row=start + i,
                 )
         codes = present.astype(np.int16 if likelihood == "categorical" else np.int8)
         if nan is not None:
@@ -354,6 +360,7 @@ def _raise_missing(mask, names, where, offset: int = 0):
         f"X{where}: {describe_cell(offset + i, j, names)}: missing value; pass missing='ignore' "
         "to leave missing cells out of the likelihood, or impute them first",
         kind="missing-value",
+        row=offset + i,
     )
 
 
@@ -372,6 +379,7 @@ def infer_levels(codes: np.ndarray, names=None, source: str | None = None) -> np
             f"{int(top[j]) + 1} levels (levels are inferred as the largest code + 1, at most "
             f"{MAX_INFERRED_LEVELS}); pass n_levels= or recode the column",
             kind="bad-value",
+            row=i,
         )
     return np.maximum(top + 1, 2)
 
@@ -401,6 +409,7 @@ def _encode_sparse(X, n_features, min_rows, source, names) -> EncodedData:
             f"X{_where(source)} must be binary (0/1) for likelihood='bernoulli': "
             f"{describe_cell(row, int(Xc.indices[k]), names)}: value {show(data[k])}",
             kind="bad-value",
+            row=row,
         )
     Xc.eliminate_zeros()
     Xc.sort_indices()
@@ -486,6 +495,7 @@ def encode(X, spec: MixtureSpec, min_rows: int = 1, source: str | None = None) -
                 f"{int(codes[i, j])} is out of range for a variable with {levels[j]} levels "
                 f"(codes 0..{levels[j] - 1})",
                 kind="bad-value",
+                row=i,
             )
     else:
         levels = infer_levels(codes, names, source)

@@ -95,10 +95,10 @@ class DataFileError(DataError):
     the message has the details (file, row, line, column, value).
     """
 
-    def __init__(self, message: str, kind: str = "unreadable"):
+    def __init__(self, message: str, kind: str = "unreadable", row: int | None = None):
         if kind not in KINDS:
             raise ValueError(f"unknown DataFileError kind {kind!r}; expected one of {KINDS}")
-        super().__init__(message, kind)
+        super().__init__(message, kind, row)
 
 
 @dataclass(frozen=True)
@@ -571,6 +571,24 @@ def _csv_line_of_row(path: str, row: int) -> int | None:
     if pending - prev_cr > 0 and nonblank + 1 >= target:
         return lineno + 1
     return None
+
+
+def locate_error(exc: DataError, path: str | os.PathLike) -> DataFileError:
+    """``exc``, raised while checking the table read from ``path``, with the file and, for a
+    data row of a CSV file, the file line in front: ``<file>, line <l>: <message>`` (the
+    message keeps the 1-based data row, the column and the value). An error that already names
+    its file (a :class:`DataFileError`) is returned as it is."""
+    if isinstance(exc, DataFileError):
+        return exc
+    path = os.fspath(path)
+    where = path
+    if exc.row is not None and os.path.splitext(path)[1].lower() == ".csv":
+        with contextlib.suppress(OSError):
+            line = _csv_line_of_row(path, exc.row + 1)
+            if line is not None:
+                where += f", line {line}"
+    kind = exc.kind if exc.kind in KINDS else "bad-value"
+    return DataFileError(f"{where}: {exc}", kind=kind, row=exc.row)
 
 
 def _csv_line_of_row_slow(path: str, row: int) -> int | None:
@@ -1325,18 +1343,24 @@ def write_table(
     return path
 
 
-def write_labels(path: str | os.PathLike, labels: np.ndarray) -> str:
-    """Write ``(N,)`` global cluster ids as a CSV (``row,cluster``); returns the path."""
+def write_labels(path: str | os.PathLike, labels: np.ndarray, model: str | None = None) -> str:
+    """Write ``(N,)`` global cluster ids as a CSV (``row,cluster``; ``row`` is the 1-based
+    data row, as in error messages), atomically; with ``model`` (the model's hash,
+    :func:`fedvi.label_files.model_hash`) a third column ``model`` holds it. Returns the path."""
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     pa, pcsv = _need("pyarrow"), _need("pyarrow.csv")
     labels = np.asarray(labels, dtype=np.int64).ravel()
-    table = pa.table({"row": np.arange(len(labels)), "cluster": labels})
+    columns = {"row": np.arange(1, len(labels) + 1), "cluster": labels}
+    if model is not None:
+        columns["model"] = pa.array([str(model)] * len(labels), pa.string())
+    table = pa.table(columns)
 
     def write(fh):
-        fh.write(b"row,cluster\n")  # unquoted, as pyarrow would not write it
-        pcsv.write_csv(table, fh, pcsv.WriteOptions(include_header=False))
+        fh.write(b",".join(n.encode() for n in columns) + b"\n")  # unquoted, unlike pyarrow's
+        # quoting "none": a hash is hex digits, and the file reads as plain numbers and text
+        pcsv.write_csv(table, fh, pcsv.WriteOptions(include_header=False, quoting_style="none"))
 
     _atomic(directory, path, write)
     return path
@@ -1344,5 +1368,5 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray) -> str:
 
 def read_labels(path: str | os.PathLike) -> np.ndarray:
     """Inverse of :func:`write_labels`: ``(N,)`` int64 cluster ids."""
-    data = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
-    return data[:, 1] if data.size else np.zeros(0, dtype=np.int64)
+    data = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=1, usecols=1)
+    return data if data.size else np.zeros(0, dtype=np.int64)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from fedvi.label_files import is_label_file_name
 from fedvi.options import FitOptions, ServerOptions
 from fedvi.settings import IntList, Levels, Names, PositivePair
 from fedvi.spec import MixtureSpec
@@ -428,12 +429,14 @@ class RefineReply:
 @dataclass(frozen=True)
 class LabelReply:
     """A ``label`` answer: ``counts (G,)`` rows per global cluster, ``marker`` where the
-    site's floor suppressed a count; ``n_suppressed`` of them (``None`` under SecAgg+)."""
+    site's floor suppressed a count; ``n_suppressed`` of them (``None`` under SecAgg+);
+    ``file``: the name (no folder) of the label file the site wrote, if any."""
 
     counts: np.ndarray
     n_suppressed: int | None = None
     seconds: float = 0.0
     privacy: dict | None = None
+    file: str | None = None
 
 
 #: The pre-flight answer is :class:`Preflight` (its schema, row count and policy).
@@ -464,8 +467,17 @@ def encode_reply(reply: Reply) -> tuple[list[np.ndarray], dict[str, Any]]:
         meta = dict(privacy)
         if reply.n_suppressed is not None:
             meta["label.n_suppressed"] = int(reply.n_suppressed)
+        if reply.file is not None:
+            meta["label.file"] = str(reply.file)  # the run id and model hash: nothing of rows
         return [np.asarray(reply.counts)], meta
     raise TypeError(f"not a reply: {type(reply).__name__}")
+
+
+def label_file_of(metrics: Mapping[str, Any]) -> str | None:
+    """The label file a site says it wrote (``label.file``), only when it is a name of the form
+    :func:`fedvi.label_files.label_file_name` (a base name, no folder); else ``None``."""
+    name = metrics.get("label.file")
+    return name if is_label_file_name(name) else None
 
 
 def privacy_of(metrics: Mapping[str, Any]) -> dict | None:
@@ -508,6 +520,7 @@ def decode_reply(
             None if n_supp is None else int(n_supp),
             seconds,
             privacy_of(metrics),
+            label_file_of(metrics),
         )
     except ProtocolError:
         raise

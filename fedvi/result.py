@@ -28,7 +28,8 @@ class SiteReport:
     its local clusters. counts: ``(G,)`` rows per global cluster (``-1`` suppressed) or
     ``None``. labels: ``(N_b,)`` global cluster of each row (in process only). n_iter,
     converged: its local fit. seconds / uplink_bytes: per phase. status: ``"ok"``,
-    ``"failed"`` or ``"excluded"``; error: the reason it reported (no data in it).
+    ``"failed"`` or ``"excluded"``; error: the reason it reported (no data in it). label_file:
+    the name (no folder) of the label file it wrote on its own disk in the label round.
     """
 
     site: int
@@ -47,6 +48,7 @@ class SiteReport:
     schema: dict | None = None
     policy: dict | None = None
     privacy: dict | None = None
+    label_file: str | None = None
 
     def add_uplink(self, phase: str, arrays) -> None:
         """Count the bytes of the arrays the site sent in ``phase`` (as on the wire)."""

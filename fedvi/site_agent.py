@@ -41,6 +41,7 @@ from fedvi.protocol import (
 )
 from fedvi.settings import InvalidSetting
 from fedvi.site import encode_site, fit_site
+from fedvi.site_messages import check_schema
 from fedvi.vi import Problem, Source, labels_of
 
 
@@ -85,7 +86,9 @@ class SiteAgent:
     site: its partition id. table: its table (anything :func:`fedvi.encode` reads) or a
     function ``load(missing) -> table`` (a file read on demand). policy: its rules (default
     :class:`SitePolicy`). rng: its noise generator (default: OS entropy). label_sink: called
-    with the ``(N,)`` labels the site makes (the ClientApp writes them to the site's disk).
+    as ``label_sink(labels, posterior)`` with the ``(N,)`` labels the site makes and the
+    posterior that made them; it returns the name of the file it wrote (the ClientApp writes
+    them to the site's disk), or ``None``.
     """
 
     def __init__(
@@ -95,7 +98,7 @@ class SiteAgent:
         policy: SitePolicy | None = None,
         *,
         rng: np.random.Generator | None = None,
-        label_sink: Callable[[np.ndarray], None] | None = None,
+        label_sink: Callable[[np.ndarray, object], str | None] | None = None,
     ):
         self.site = int(site)
         self.name = f"site {self.site}"
@@ -136,6 +139,7 @@ class SiteAgent:
         names = _table_names(table)
         if names is None:
             raise PolicyRefusal("schema", "the run matches variables by name; this table has none")
+        check_schema(names, order)  # names this table's odd columns, at the site, by its names
         by_hash = dict(zip(variable_hashes(names), names, strict=True))
         if set(by_hash) != set(order):
             raise PolicyRefusal("schema", "this table's variables differ from the agreed ones")
@@ -243,8 +247,7 @@ class SiteAgent:
         else:
             labels = label_rows(data, posterior, self._opts(req))
         self.labels = labels
-        if self.label_sink is not None:
-            self.label_sink(labels)
+        written = None if self.label_sink is None else self.label_sink(labels, posterior)
         acc = self._accountant(req)
         marker = 0 if secure else -1
         shown = release_label_counts(
@@ -252,7 +255,7 @@ class SiteAgent:
         )
         # Under secure aggregation the server sees only the sum: no per-site scalar about it.
         n_suppressed = None if secure else int((shown == marker).sum())
-        return LabelReply(shown, n_suppressed, privacy=self._privacy())
+        return LabelReply(shown, n_suppressed, privacy=self._privacy(), file=written)
 
     def _checked_mapping(self, req: Request) -> np.ndarray:
         m = req.mapping

@@ -64,8 +64,11 @@ class _ConsoleLines(logging.Filter):
 
 
 def _quiet_flower(run_dir: str) -> None:
+    from flwr.common.logger import update_console_handler
+
     flwr = logging.getLogger("flwr")
     flwr.propagate = False
+    update_console_handler(colored=sys.stdout.isatty())  # no ANSI codes in a redirected log
     for h in flwr.handlers:
         h.addFilter(_ConsoleLines())
     fh = logging.FileHandler(os.path.join(run_dir, "run.log"))
@@ -134,14 +137,15 @@ def run_federation(
 
 
 def _site_labels(run_dir: str, result) -> list | None:
-    from fedvi.flower.client import labels_path
+    """The label files the simulated sites wrote in this run (named in their replies)."""
     from fedvi.io import read_labels
 
     out = []
     for sid in sorted(result.sites):
-        if result.sites[sid].status != "ok":
+        name = result.sites[sid].label_file
+        if result.sites[sid].status != "ok" or name is None:
             return None
-        path = labels_path(os.path.join(run_dir, "labels"), sid)
+        path = os.path.join(run_dir, "labels", name)
         if not os.path.exists(path):
             return None
         out.append(read_labels(path))

@@ -44,11 +44,13 @@ from fedvi.protocol import (
     Request,
     decode_reply,
     encode_request_of,
+    label_file_of,
     parse_site_error,
     privacy_of,
     reply_site,
 )
 from fedvi.spec import MixtureSpec
+from strategies.node_status import RoundFailure
 from strategies.nodes import wait_for_sites
 from strategies.options import StrategyOptions
 
@@ -155,10 +157,13 @@ class FedMerDel(Strategy):
             proxy, text = (
                 (None, f"{f}") if isinstance(f, BaseException) else (f[0], f"{f[1].status.message}")
             )
-            site, _, reason = parse_site_error(text)
+            site, said, reason = parse_site_error(text)
             node = None if proxy is None else proxy.cid
+            if isinstance(f, RoundFailure):  # the runner knows the node and why: offline/timeout
+                node, site, cause = str(f.node_id), f.site, f.cause
+            else:
+                cause = "site_error" if said is not None else "no_reply"
             site = self.node_site.get(node, site)
-            cause = "site_error" if parse_site_error(text)[1] is not None else "offline"
             failure = Failure(cause, reason if cause == "site_error" else "", node)
             if site is None:
                 unattributed.append(failure)
@@ -186,7 +191,7 @@ class FedMerDel(Strategy):
             arrays = parameters_to_ndarrays(res.parameters)
             if rnd.secure:
                 seconds = float(res.metrics.get(K_SECONDS, 0.0))
-                replies[site] = InSum(seconds, privacy_of(res.metrics))
+                replies[site] = InSum(seconds, privacy_of(res.metrics), label_file_of(res.metrics))
                 sums.append(arrays)
                 continue
             rep = self.result.sites.get(site)

@@ -51,6 +51,15 @@ def data_report(result: FederatedResult) -> dict:
     }
 
 
+def _by_phase(result: FederatedResult) -> dict[str, int]:
+    """Bytes the sites sent per phase, summed over the sites."""
+    out: dict[str, int] = {}
+    for r in result.sites.values():
+        for phase, n in r.uplink_bytes.items():
+            out[phase] = out.get(phase, 0) + int(n)
+    return out
+
+
 def results_dict(
     result: FederatedResult, labels=None, truth=None, wall_clock: dict | None = None
 ) -> dict:
@@ -68,11 +77,12 @@ def results_dict(
             "n_iter": r.n_iter,
             "converged": r.converged,
             "counts": None if r.counts is None else np.asarray(r.counts).tolist(),
-            "uplink_bytes": r.uplink_bytes.get("local"),
+            "uplink_bytes": int(sum(r.uplink_bytes.values())) if r.uplink_bytes else None,
             "uplink_bytes_by_phase": r.uplink_bytes,
             "seconds_by_phase": r.seconds,
             "policy": r.policy,
             "privacy": r.privacy,
+            "label_file": r.label_file,
         }
     res = {
         "status": result.status,
@@ -89,6 +99,8 @@ def results_dict(
         "data": data_report(result),
         "sites": sites,
         "uplink_bytes": {k: v["uplink_bytes"] for k, v in sites.items()},
+        "uplink_bytes_by_phase": _by_phase(result),
+        "uplink_bytes_total": int(sum(v["uplink_bytes"] or 0 for v in sites.values())),
         "wall_clock": {**result.timings, **(wall_clock or {})},
         "privacy": result.privacy,
         "cluster_sizes": None if post is None else [float(c) for c in post.counts],

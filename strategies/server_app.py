@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shlex
 import time
+import traceback
 from logging import ERROR, INFO
 
 from flwr.app import Context
@@ -28,13 +29,34 @@ from flwr.server import ServerApp
 
 from fedvi.model import load_model
 from strategies.config import RunSettings, compose_config
-from strategies.fedmerdel import FedMerDel
+from strategies.console import ExpectedFailure, quiet_flower
+from strategies.fedmerdel import FedMerDel, SiteFailureError
 from strategies.outputs import write_outputs
 from strategies.workflow import run_strategy
 
 
 class RunFailed(RuntimeError):
     """The run did not complete (the reason is in ``results.json``)."""
+
+
+class ExpectedRunFailure(RunFailed, ExpectedFailure):
+    """The run did not complete for a reason fedvi expects (too few sites, two nodes with one
+    partition id): said in one line, without a traceback."""
+
+
+#: Failures of a run that fedvi explains in one line (the others keep their traceback).
+EXPECTED_RUN_FAILURES = (SiteFailureError,)
+
+
+def _log_traceback(out_dir: str, exc: BaseException) -> None:
+    """Append an unexpected error's traceback to ``<out_dir>/fedvi_server.log``."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "fedvi_server.log"), "a") as fh:
+            fh.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} the run failed unexpectedly:\n")
+            fh.write("".join(traceback.format_exception(exc)))
+    except OSError:
+        pass
 
 
 def build_strategy(settings: RunSettings, resume=None, site_slots=None):
@@ -62,6 +84,8 @@ def run_and_report(grid, context: Context, strategy: FedMerDel, out_dir: str, cf
         error = exc
         strategy.result.settle(exc)
         log(ERROR, "fedvi: the run failed: %s", strategy.result.error)
+        if not isinstance(exc, EXPECTED_RUN_FAILURES):
+            _log_traceback(out_dir, exc)
     strategy.result.settle()
     wall = {"total": time.perf_counter() - t0, **outputs.pop("wall_clock", {})}
     write_outputs(strategy.result, out_dir, cfg=cfg, wall_clock=wall, **outputs)
@@ -75,7 +99,8 @@ def run_and_report(grid, context: Context, strategy: FedMerDel, out_dir: str, cf
         out_dir,
     )
     if r.status == "failed":
-        raise RunFailed(r.error) from error
+        expected = error is None or isinstance(error, EXPECTED_RUN_FAILURES)
+        raise (ExpectedRunFailure if expected else RunFailed)(r.error) from error
 
 
 app = ServerApp()
@@ -84,6 +109,7 @@ app = ServerApp()
 @app.main()
 def main(grid, context: Context) -> None:
     """Deployment entry: compose the config named in the run config, run, write the outputs."""
+    quiet_flower()
     rc = context.run_config
     cfg = compose_config(
         str(rc.get("config-name", "config")), shlex.split(str(rc.get("overrides", "")))

@@ -25,9 +25,11 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 from strategies import EXIT_CODES
+from strategies.console import strip_ansi
 
 EXIT_SUBMIT = 2
 
@@ -58,11 +60,26 @@ def run_config(args) -> str:
     return " ".join(f"{k}={json.dumps(v)}" for k, v in items.items() if v)
 
 
+def _copy_lines(src, dst, plain: bool) -> None:
+    """Copy the run's log to ``dst`` line by line, without ANSI codes when ``plain``."""
+    for line in src:
+        dst.write(strip_ansi(line) if plain else line)
+        dst.flush()
+
+
 def _stream(run_id: int, connection: str) -> subprocess.Popen | None:
     try:
-        return subprocess.Popen([_flwr(), "log", str(run_id), connection, "--stream"])
+        proc = subprocess.Popen(
+            [_flwr(), "log", str(run_id), connection, "--stream"],
+            stdout=subprocess.PIPE,
+            text=True,
+            errors="replace",
+        )
     except OSError:
         return None
+    plain = not sys.stdout.isatty()  # a log file gets no colour codes
+    threading.Thread(target=_copy_lines, args=(proc.stdout, sys.stdout, plain), daemon=True).start()
+    return proc
 
 
 def wait_for(run_id: int, connection: str, timeout: float) -> dict:
@@ -113,7 +130,9 @@ def main(argv=None) -> int:
         with open(results_path) as fh:
             results = json.load(fh)
     state = str(status.get("status"))
-    print(f"fedvi: run {run_id}: {state} {status.get('status-details') or ''}".rstrip())
+    details = str(status.get("status-details") or "")
+    details = "" if details.strip().upper() in ("", "N/A") else f" ({details})"
+    print(f"fedvi: run {run_id}: {state}{details}")
     if results is not None:
         for f in results.get("failures", []):
             print(

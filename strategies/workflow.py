@@ -10,7 +10,8 @@ to the end on a Grid (deployment or simulation).
 
 from __future__ import annotations
 
-from logging import INFO
+import time
+from logging import DEBUG
 from typing import cast
 
 import flwr.compat.common.recorddict_compat as compat
@@ -24,24 +25,37 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
 from fedvi import secagg
-from fedvi.protocol import Phase
+from fedvi.protocol import K_SECONDS, Phase
 from strategies.fedmerdel import FedMerDel
+from strategies.node_status import WatchedGrid, send_and_watch
 
 
 def _current_round(context: LegacyContext) -> int:
     return cast(int, context.state.config_records[MAIN_CONFIGS_RECORD][Key.CURRENT_ROUND])
 
 
+def startup_seconds(arrivals: dict[int, float], site_seconds: dict[int, float]) -> float:
+    """How long the first round waited for the engine and nodes rather than for the sites'
+    work: the earliest reply's arrival minus the seconds that site says it worked (0 if none)."""
+    lags = [arrivals[n] - site_seconds.get(n, 0.0) for n in arrivals]
+    return max(0.0, min(lags)) if lags else 0.0
+
+
 def plain_fit_round(grid, context: LegacyContext, timeout: float) -> None:
-    """Flower's default fit round, with a timeout; a node that did not answer in time is left
-    to the strategy, which names every site it asked and did not hear from."""
+    """Flower's default fit round, with a timeout, watching the SuperLink's node list while it
+    waits (:func:`strategies.node_status.send_and_watch`): a node that goes offline is handed
+    to the strategy as a :class:`NodeOffline` as soon as the SuperLink notices, one still
+    silent at the timeout as a :class:`RoundTimeout`, a site's own error as a failed
+    ``FitRes``."""
     rnd = _current_round(context)
     arr_record = context.state.array_records[MAIN_PARAMS_RECORD]
     parameters = compat.arrayrecord_to_parameters(arr_record, keep_input=True)
+    t0 = time.perf_counter()
     instructions = context.strategy.configure_fit(
         server_round=rnd, parameters=parameters, client_manager=context.client_manager
     )
-    results, failures = [], []
+    waited = time.perf_counter() - t0  # pre-flight: waiting for the sites to connect
+    results, failures, arrivals = [], [], {}
     if instructions:
         proxies = {proxy.node_id: proxy for proxy, _ in instructions}
         messages = [
@@ -53,7 +67,11 @@ def plain_fit_round(grid, context: LegacyContext, timeout: float) -> None:
             )
             for proxy, ins in instructions
         ]
-        for msg in grid.send_and_receive(messages, timeout=timeout):
+        phase = context.strategy.round(rnd).phase.value
+        site_of = context.strategy.node_site
+        replies, lost = send_and_watch(grid, messages, timeout, phase, site_of, arrivals=arrivals)
+        failures.extend(lost)  # NodeOffline / RoundTimeout, each with its node and site
+        for msg in replies:
             proxy = proxies.get(msg.metadata.src_node_id)
             if msg.has_content() and proxy is not None:
                 res = compat.recorddict_to_fitres(msg.content, False)
@@ -68,8 +86,17 @@ def plain_fit_round(grid, context: LegacyContext, timeout: float) -> None:
                 )
             else:
                 failures.append(RuntimeError(msg.error.reason if msg.has_error() else "reply"))
-    log(INFO, "round %d: %d replies, %d failures", rnd, len(results), len(failures))
-    params, metrics = context.strategy.aggregate_fit(rnd, results, failures)
+    log(DEBUG, "round %d: %d replies, %d failures", rnd, len(results), len(failures))
+    try:
+        params, metrics = context.strategy.aggregate_fit(rnd, results, failures)
+    finally:
+        if rnd == 1:  # start-up (sites connecting, the engine starting) is not pre-flight work
+            worked = {int(p.node_id): float(r.metrics.get(K_SECONDS, 0.0)) for p, r in results}
+            startup = waited + startup_seconds(arrivals, worked)
+            timings = context.strategy.result.timings
+            first = context.strategy.round(rnd).phase.value
+            timings[first] = max(0.0, timings.get(first, 0.0) - startup)
+            timings["startup"] = startup
     if params:
         context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
             params, True
@@ -108,6 +135,9 @@ class PhaseFitWorkflow:
             return
         timeout = phase_timeout(self.strategy, plan.phase)
         if plan.secure:
+            # The SecAgg+ stages call the Grid themselves: the watched Grid stops waiting for a
+            # node the SuperLink lists as offline.
+            watched = WatchedGrid(grid, plan.phase.value, self.strategy.node_site)
             SecAggPlusWorkflow(
                 num_shares=1.0,
                 reconstruction_threshold=0.67,
@@ -116,7 +146,7 @@ class PhaseFitWorkflow:
                 quantization_range=secagg.QUANTIZATION_RANGE,
                 modulus_range=secagg.MODULUS_RANGE,
                 timeout=timeout,
-            )(grid, context)
+            )(watched, context)
             self.strategy.after_secure_round(rnd)
         else:
             plain_fit_round(grid, context, timeout)

@@ -66,6 +66,7 @@ class LocalGrid(Grid):
         self.joins_after = dict(joins_after or {})
         self.silent = set(silent)
         self.rounds: dict[int, set] = defaultdict(set)
+        self._replies: dict[str, Message] = {}
         self._run = SimpleNamespace(run_id=1)
 
     def set_run(self, run) -> None:
@@ -84,16 +85,16 @@ class LocalGrid(Grid):
         now = time.monotonic() - self._t0
         return [n for n in self.apps if self.joins_after.get(n, 0) <= now]
 
+    #: Seconds between pulls of the runner's round loop (replies are ready at once here).
+    pull_interval = 0.01
+
     def push_messages(self, messages):
-        raise NotImplementedError("send_and_receive delivers in process")
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError("send_and_receive delivers in process")
-
-    def send_and_receive(self, messages, *, timeout=None):
-        out = []
+        """Deliver each message to its node now; its reply waits to be pulled."""
+        ids = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = str(uuid4())
+            mid = str(uuid4())
+            msg.metadata.__dict__["_message_id"] = mid
+            ids.append(mid)
             nid = msg.metadata.dst_node_id
             phase = phase_of(msg)
             if msg.metadata.message_type == "train":
@@ -106,10 +107,16 @@ class LocalGrid(Grid):
                 reason = str(type(ex)) + ":<'" + str(ex) + "'>"
                 reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
             reply.metadata.__dict__["_message_id"] = str(uuid4())
-            out.append(reply)
+            self._replies[mid] = reply
             if self.after is not None and phase is not None:
                 self.after(nid, phase)
-        return out
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._replies.pop(m) for m in message_ids if m in self._replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
 
     def asked(self, node_id: int) -> int:
         return len(self.rounds[node_id])

@@ -82,7 +82,7 @@ def assert_same_run(tmp_path, a: fedvi.FederatedResult, b: fedvi.FederatedResult
     ok = [s for s in sorted(a.sites) if a.sites[s].status == "ok"]
     assert ok == [s for s in sorted(b.sites) if b.sites[s].status == "ok"]
     for s, labels in zip(ok, a.labels, strict=True):
-        on_site = read_labels(tmp_path / "labels" / f"labels_site{s}.csv")
+        on_site = read_labels(tmp_path / "labels" / b.sites[s].label_file)
         np.testing.assert_array_equal(on_site, labels)
         np.testing.assert_array_equal(a.sites[s].counts, b.sites[s].counts)
 

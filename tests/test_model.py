@@ -84,6 +84,14 @@ def test_label_command_gives_the_fit_labels(fitted, tmp_path, fmt):
     assert proc.returncode == 0, proc.stderr
     np.testing.assert_array_equal(read_labels(out), m.labels_)
     assert "2000 rows" in proc.stdout
+    # The model's hash, as in a run's label file names; rows numbered from 1.
+    from fedvi.label_files import model_hash
+    from fedvi.model import load_model
+
+    digest = model_hash(load_model(model).posterior)
+    assert f"model {digest}" in proc.stdout
+    lines = out.read_text().splitlines()
+    assert lines[0] == "row,cluster,model" and lines[1] == f"1,{m.labels_[0]},{digest}"
 
 
 def test_label_command_refuses_another_schema(fitted, tmp_path):

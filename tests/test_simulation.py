@@ -16,7 +16,8 @@ pytest.importorskip("flwr", reason="the Flower layer: pip install -e .[app]")
 pytest.importorskip("hydra", reason="Hydra configs: pip install -e .[app]")
 
 import fedvi  # noqa: E402
-from fedvi.io import read_labels  # noqa: E402
+from fedvi.io import read_labels
+from fedvi.label_files import latest_labels  # noqa: E402
 from fedvi.metrics import adjusted_rand_index  # noqa: E402
 from fedvi.settings import as_dict  # noqa: E402
 from simulations.data import load_sites  # noqa: E402
@@ -59,14 +60,16 @@ def check_run_dir(run_dir: Path, overrides: list[str]) -> dict:
     assert results["status"] == "completed" and not results["failures"]
     assert results["n_clusters"] == ref.n_clusters
     assert results["elbo"] == pytest.approx(ref.elbo, rel=1e-10)
-    labels = [read_labels(run_dir / "labels" / f"labels_site{b}.csv") for b in range(len(truth))]
+    labels = [read_labels(latest_labels(run_dir / "labels", b)) for b in range(len(truth))]
     assert adjusted_rand_index(np.concatenate(ref.labels), np.concatenate(labels)) == 1.0
     expected_ari = adjusted_rand_index(np.concatenate(truth), np.concatenate(ref.labels))
     assert results["ari"] == pytest.approx(expected_ari)
     for b, lab in enumerate(ref.labels):
         site = results["sites"][f"site {b}"]
         assert site["n_rows"] == len(lab) and site["converged"] is True
-        assert site["uplink_bytes"] == ref.uplink_bytes[b]
+        assert site["uplink_bytes_by_phase"]["local"] == ref.uplink_bytes[b]
+        assert site["uplink_bytes"] == sum(site["uplink_bytes_by_phase"].values())
+        assert site["label_file"] == Path(latest_labels(run_dir / "labels", b)).name
     return results
 
 
@@ -88,7 +91,10 @@ def test_default_style_run_matches_federated_fit(tmp_path):
     proc = run([*overrides, f"hydra.run.dir={tmp_path}"])
     results = check_run_dir(tmp_path, overrides)
     assert results["label_mode"] == "map"
-    assert set(results["wall_clock"]) >= {"preflight", "local", "label", "data", "simulation"}
+    wall = results["wall_clock"]
+    assert set(wall) >= {"startup", "preflight", "local", "label", "data", "simulation"}
+    # The engine's start-up is not counted as pre-flight work.
+    assert wall["startup"] > wall["preflight"] and wall["startup"] < wall["simulation"]
     for name in (
         "cluster_profiles.csv",
         "cluster_profiles.png",
@@ -125,7 +131,7 @@ def test_secure_aggregation_gives_the_plain_runs_clusters(tmp_path):
     # that run wrote on the site (posterior labels).
     out = tmp_path / "relabel.csv"
     label_cli(tmp_path / "plain" / "model.npz", tmp_path / "plain" / "site_data" / "site1.npy", out)
-    run_labels = read_labels(tmp_path / "plain" / "labels" / "labels_site1.csv")
+    run_labels = read_labels(latest_labels(tmp_path / "plain" / "labels", 1))
     np.testing.assert_array_equal(read_labels(out), run_labels)
     # The server saw only the total label counts, not each site's.
     assert all(s["counts"] is None for s in secure["sites"].values())
@@ -196,4 +202,4 @@ def test_a_site_joins_a_saved_model_through_the_app(tmp_path):
     assert results["elbo"] == pytest.approx(ref.model.elbo, rel=1e-10)
     model = fedvi.load_model(out / "model.npz")
     assert model.site_ids == (0, 1, 2, 3, 4)
-    np.testing.assert_array_equal(read_labels(out / "labels" / "labels_site4.csv"), ref.labels[0])
+    np.testing.assert_array_equal(read_labels(latest_labels(out / "labels", 4)), ref.labels[0])

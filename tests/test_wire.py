@@ -12,7 +12,8 @@ from flower_local import site_client  # noqa: E402
 
 import fedvi  # noqa: E402
 from fedvi.federated import shared_spec  # noqa: E402
-from fedvi.io import read_labels  # noqa: E402
+from fedvi.io import read_labels
+from fedvi.label_files import latest_labels  # noqa: E402
 from fedvi.options import FitOptions, ServerOptions  # noqa: E402
 from fedvi.protocol import decode_summaries, encode_request  # noqa: E402
 from fedvi.simulate import simulate  # noqa: E402
@@ -83,7 +84,7 @@ def test_label_phase_writes_rows_locally_and_sends_counts(tmp_path):
     (counts,), n, label_metrics = _ask(
         client, "label", post.spec, posterior=post, server=ServerOptions(min_cluster_size=150)
     )
-    labels = read_labels(tmp_path / "labels" / "labels_site0.csv")
+    labels = read_labels(latest_labels(tmp_path / "labels", 0))
     assert counts.shape == (post.n_clusters,)
     np.testing.assert_array_equal(labels, fedvi.label_rows(fedvi.encode(X, post.spec), post))
     true_counts = np.bincount(labels, minlength=post.n_clusters)
@@ -92,3 +93,32 @@ def test_label_phase_writes_rows_locally_and_sends_counts(tmp_path):
     np.testing.assert_array_equal(counts[big], true_counts[big])
     assert (counts[(true_counts > 0) & ~big] == -1).all()
     assert label_metrics["label.n_suppressed"] == int(((true_counts > 0) & ~big).sum())
+
+
+def test_each_run_writes_its_own_label_file_named_in_its_reply(tmp_path):
+    from fedvi.label_files import model_hash
+    from fedvi.model import FittedModel, load_model
+
+    X = _well_separated(300)
+    spec, _ = shared_spec([X], fedvi.MixtureSpec(n_components=8))
+    client = _site(tmp_path, X)
+    arrays, _, metrics = _ask(client, "local", spec)
+    post = fedvi.global_merge([decode_summaries(arrays, metrics, "summaries")]).posterior
+    names = []
+    for run_id in (101, 102):
+        client.run_id = run_id
+        _, _, reply = _ask(client, "label", post.spec, posterior=post)
+        names.append(reply["label.file"])
+    digest = model_hash(post)
+    assert names == [
+        f"labels_site0_run101_{digest[:8]}.csv",
+        f"labels_site0_run102_{digest[:8]}.csv",
+    ]
+    first = tmp_path / "labels" / names[0]
+    text = first.read_text().splitlines()
+    # 1-based data rows, the model's hash in every row; the second run left the first's file.
+    assert text[0] == "row,cluster,model" and text[1].startswith("1,") and text[1].endswith(digest)
+    assert text[-1].startswith(f"{len(X)},") and (tmp_path / "labels" / names[1]).exists()
+    # The run's model.npz has the same hash as the posterior the site received.
+    saved = load_model(FittedModel(post, (0,)).save(tmp_path / "model.npz"))
+    assert model_hash(saved.posterior) == digest

@@ -11,8 +11,9 @@ releases; the round config only asks. Each round (:mod:`fedvi.protocol`):
   its floor removed first);
 - ``refine``: statistics per global cluster under the broadcast posterior (checked first),
   restricted to clusters that own at least its floor of rows (or noised, with DP);
-- ``label``: writes its labels to ``<output-dir>/labels_site<id>.csv`` on the site and returns
-  only counts per global cluster, those below its floor suppressed.
+- ``label``: writes its labels to ``<output-dir>/labels_site<id>_run<run>_<model hash>.csv``
+  on the site (a new file per run and model) and returns only counts per global cluster, those
+  below its floor suppressed, and the file's name.
 
 The phases themselves are :class:`fedvi.site_agent.SiteAgent`'s (the same object the
 in-process engine calls); this module reads the site's file, moves the wire and keeps the
@@ -37,7 +38,15 @@ from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from fedvi import secagg
-from fedvi.io import open_table, write_labels
+from fedvi.data import DataError
+from fedvi.flower.site_log import (
+    colour_only_on_a_terminal,
+    log_failure,
+    log_path,
+    site_errors_mod,
+)
+from fedvi.io import locate_error, open_table, write_labels
+from fedvi.label_files import label_file_name, latest_labels, model_hash
 from fedvi.policy import PolicyRefusal, SitePolicy
 from fedvi.privacy import Accountant
 from fedvi.protocol import (
@@ -65,8 +74,13 @@ _PRIVACY = "fedvi.privacy"
 
 
 def labels_path(output_dir: str, site: int) -> str:
-    """Where site ``site`` writes its labels (``<output_dir>/labels_site<id>.csv``)."""
-    return os.path.join(output_dir, f"labels_site{site}.csv")
+    """The newest label file site ``site`` wrote in ``output_dir``
+    (:func:`fedvi.label_files.latest_labels`; the names carry the run id and model hash), or a
+    path that does not exist when it wrote none."""
+    try:
+        return latest_labels(output_dir, site)
+    except FileNotFoundError:
+        return os.path.join(output_dir, f"labels_site{site}_none.csv")
 
 
 class FedviClient(NumPyClient):
@@ -77,7 +91,8 @@ class FedviClient(NumPyClient):
     ``node_config``: the SuperNode's config (``partition-id`` and the :class:`SitePolicy`
     keys); ``state``: the persistent context state; ``policy``: overrides the policy read from
     the node config (the simulation's built-in sites, whose factory names their files);
-    ``rng``: the site's noise generator (default: OS entropy; tests pin it here)."""
+    ``rng``: the site's noise generator (default: OS entropy; tests pin it here); ``run_id``:
+    the Flower run, which names the run's label file."""
 
     def __init__(
         self,
@@ -85,8 +100,10 @@ class FedviClient(NumPyClient):
         state=None,
         policy: SitePolicy | None = None,
         rng: np.random.Generator | None = None,
+        run_id: int | None = None,
     ):
         self.node_config = dict(node_config)
+        self.run_id = run_id  # names the run's label file
         if "partition-id" not in self.node_config:
             raise ValueError(
                 "the SuperNode has no partition-id: start it with "
@@ -126,8 +143,13 @@ class FedviClient(NumPyClient):
             cache_dir=self.cache_dir(),
         )
 
-    def _write_labels(self, labels: np.ndarray) -> None:
-        write_labels(labels_path(self.output_dir(), self.partition_id), labels)
+    def _write_labels(self, labels: np.ndarray, posterior) -> str:
+        """Write the run's labels to a new file named by the run id and the model's hash
+        (atomically); its name (no folder) goes back in the label reply."""
+        model = model_hash(posterior)
+        name = label_file_name(self.partition_id, self.run_id, model)
+        write_labels(os.path.join(self.output_dir(), name), labels, model=model)
+        return name
 
     # --- the agent's per-run state in the node's context ------------------------------------
     def _restore(self) -> None:
@@ -178,7 +200,9 @@ class FedviClient(NumPyClient):
                 # unmasked field.
                 n = secagg.NUM_EXAMPLES
         except Exception as exc:  # nothing but a safe reason leaves the site
-            log(ERROR, "%s, phase %s failed", self.name, phase, exc_info=exc)
+            if isinstance(exc, DataError) and self.policy.data_path:
+                exc = locate_error(exc, self.policy.data_path)  # the site's log names the file
+            log_failure(self.name, phase, exc, log_path(self.policy.output_dir, self.partition_id))
             raise SiteError(
                 site_error_message(self.partition_id, phase, safe_reason(exc))
             ) from None
@@ -233,6 +257,7 @@ def make_client_fn(policy_for=None, partition_offset: int = 0, rng_for=None):
 
     def client_fn(context: Context):
         """The site's client from its node config (a config error stays on the site)."""
+        colour_only_on_a_terminal()
         node_config = dict(context.node_config)
         try:
             node_config["partition-id"] = int(node_config["partition-id"]) + partition_offset
@@ -240,9 +265,9 @@ def make_client_fn(policy_for=None, partition_offset: int = 0, rng_for=None):
             if policy_for is not None:
                 policy = policy_for(node_config["partition-id"])
             rng = None if rng_for is None else rng_for(node_config["partition-id"])
-            return FedviClient(node_config, context.state, policy, rng).to_client()
+            return FedviClient(node_config, context.state, policy, rng, context.run_id).to_client()
         except Exception as exc:  # the site's own configuration: details stay in its log
-            log(ERROR, "the node config is not valid", exc_info=exc)
+            log(ERROR, "the node config is not valid: %s", " ".join(str(exc).split()))
             pid = node_config.get("partition-id")
             raise SiteError(
                 site_error_message(
@@ -258,7 +283,8 @@ def make_client_fn(policy_for=None, partition_offset: int = 0, rng_for=None):
 def make_client_app(policy_for=None, partition_offset: int = 0, rng_for=None) -> ClientApp:
     """The site's ``ClientApp`` (see :func:`make_client_fn`), with :func:`secagg_mod`."""
     return ClientApp(
-        client_fn=make_client_fn(policy_for, partition_offset, rng_for), mods=[secagg_mod]
+        client_fn=make_client_fn(policy_for, partition_offset, rng_for),
+        mods=[site_errors_mod, secagg_mod],
     )
 
 
