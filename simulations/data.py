@@ -74,7 +74,11 @@ def load_files(cfg) -> SiteData:
     if not paths:
         raise ValueError("data.source=files needs data.paths: one file per site")
     label_column = _get(cfg.data, "label_column")
-    tables: list[SiteTable] = [read_table(p, label_column=label_column) for p in paths]
+    # Missing cells as the sites read them (the model's ``missing``: error | ignore).
+    missing = str(_get(cfg.model, "missing", None) or "error")
+    tables: list[SiteTable] = [
+        read_table(p, label_column=label_column, missing=missing) for p in paths
+    ]
     names = [t.feature_names for t in tables]
     if any(n != names[0] for n in names[1:]):
         bad = [t.path for t, n in zip(tables, names, strict=True) if n != names[0]]
