@@ -88,7 +88,16 @@ def load_files(cfg) -> SiteData:
     truth = None
     if label_column is not None:
         truth = [np.asarray(t.labels) for t in tables]
-    return SiteData([t.X for t in tables], truth, None if names[0] is None else list(names[0]))
+    sites = [_nan_missing(t.X) for t in tables]
+    return SiteData(sites, truth, None if names[0] is None else list(names[0]))
+
+
+def _nan_missing(X):
+    """A file's codes with its missing cells (``-1``) as NaN, as the simulated sources and
+    ``fedvi.federated_fit`` take them (the codes as they are when nothing is missing)."""
+    if sp.issparse(X) or not (X == -1).any():
+        return X
+    return np.where(X == -1, np.nan, X.astype(np.float64))
 
 
 #: ``cfg.data.source`` -> loader. Another source: ``SOURCES["name"] = fn``.

@@ -169,9 +169,10 @@ def run_rows(run_dir: str, root: str) -> list[dict[str, Any]]:
     """The table rows of one run: the keys it overrode (a sweep's job), its settings, the
     engine, then the method's columns and the run's ELBO (row ``fedmerdel``)."""
     cfg = run_config(run_dir)
-    base: dict[str, Any] = {"run": os.path.relpath(run_dir, root), **run_overrides(run_dir)}
+    base: dict[str, Any] = {"run": os.path.relpath(run_dir, root)}
     for col, key in SETTINGS.items():
         base[col] = _lookup(cfg, key)
+    base.update(run_overrides(run_dir))
     res = None
     if os.path.exists(os.path.join(run_dir, "results.json")):
         with open(os.path.join(run_dir, "results.json")) as fh:
