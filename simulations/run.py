@@ -69,12 +69,20 @@ class _ConsoleLines(logging.Filter):
         return record.levelno >= logging.WARNING and "\n" not in text and "Traceback" not in text
 
 
+class _RunLog(logging.FileHandler):
+    """The job's ``run.log``; the previous job's is closed when a sweep starts the next."""
+
+
 def _quiet_flower(run_dir: str) -> None:
     flwr = logging.getLogger("flwr")
     flwr.propagate = False
     for h in flwr.handlers:
         h.addFilter(_ConsoleLines())
-    fh = logging.FileHandler(os.path.join(run_dir, "run.log"))
+    for logger in (flwr, TRACE):  # a sweep runs its jobs in this process, one after another
+        for h in [h for h in logger.handlers if isinstance(h, _RunLog)]:
+            logger.removeHandler(h)
+            h.close()
+    fh = _RunLog(os.path.join(run_dir, "run.log"))
     fh.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     flwr.addHandler(fh)
     # Tracebacks go to run.log only; the console gets the one-line reason.

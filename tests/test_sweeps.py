@@ -198,3 +198,34 @@ def test_in_process_sweep_and_its_report(tmp_path):
     for b, lab in enumerate(ref.labels):
         labels_file = sweep / job["run"] / "labels" / f"labels_site{b}.csv"
         np.testing.assert_array_equal(read_labels(labels_file), lab)
+
+
+@pytest.mark.slow
+def test_a_failing_job_of_an_in_process_sweep_is_reported_in_its_own_folder(tmp_path):
+    """Job 1 asks for more clusters than the sites' policy allows: it fails (results.json says
+    why, its run.log has the traceback); job 0 completed and its run.log stays its own."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simulations.run",
+            "-m",
+            "+experiment=small",
+            "federation.engine=inprocess",
+            "model.n_components=3,200",
+            "plots=false",
+            f"hydra.sweep.dir={tmp_path}",
+            "hydra.sweep.subdir=${hydra.job.num}",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]  # a sweep goes on past a failed job
+    ok, failed = (json.loads((tmp_path / j / "results.json").read_text()) for j in "01")
+    assert ok["status"] == "completed" and ok["engine"] == "inprocess"
+    assert failed["status"] == "failed" and "max-components" in failed["error"]
+    assert "PolicyRefusal" in (tmp_path / "1" / "run.log").read_text()
+    assert "PolicyRefusal" not in (tmp_path / "0" / "run.log").read_text()
