@@ -9,6 +9,8 @@ sweep twice, once with ``federation.engine=inprocess`` and once with ``federatio
 (one command each, one run each), into a temporary folder, and prints each sweep's total
 wall-clock (the whole command: start-up, every job, its outputs), the seconds per job, whether
 every job completed with the same K and ELBO under both engines, and the ratio Flower/in-process.
+The machine's load average is printed after each sweep: on a shared machine, compare the
+ratio with the load under which each sweep ran.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ def main(argv=None) -> int:
             done[engine] = outcomes(out, args.jobs)
             print(
                 f"{engine:>9}: {args.jobs} jobs in {walls[engine]:8.1f} s "
-                f"({walls[engine] / args.jobs:6.2f} s a job)",
+                f"({walls[engine] / args.jobs:6.2f} s a job; load average after it "
+                f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)",
                 flush=True,
             )
     same = all(
