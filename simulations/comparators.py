@@ -417,7 +417,7 @@ FITTERS: dict[str, Callable[[Study], tuple]] = {
 
 
 def flower_row(results: Mapping[str, Any] | None, n_rows: int, n_sites: int) -> MethodResult:
-    """The Flower run's row from its ``results.json`` content."""
+    """The run's row from its ``results.json`` content (Flower or the in-process engine)."""
     r = MethodResult("fedmerdel", n_rows=n_rows, n_sites=n_sites)
     if not results:
         r.status = "no results"
@@ -425,11 +425,14 @@ def flower_row(results: Mapping[str, Any] | None, n_rows: int, n_sites: int) -> 
     r.k_found = results.get("n_clusters")
     r.ari, r.nmi = results.get("ari"), results.get("nmi")
     wall = results.get("wall_clock") or {}
-    r.wall_s = wall.get("simulation", wall.get("total"))
+    r.wall_s = wall.get("simulation", wall.get("inprocess", wall.get("total")))
     uplink = results.get("uplink_bytes") or {}
     vals = [v for v in (uplink.values() if isinstance(uplink, Mapping) else uplink) if v]
     r.uplink_bytes = int(sum(vals)) if vals else None
-    r.note = "Flower simulation (wall-clock includes the engine's start-up)"
+    if results.get("engine") == "inprocess":
+        r.note = "in-process engine (simulations.run federation.engine=inprocess)"
+    else:
+        r.note = "Flower simulation (wall-clock includes the engine's start-up)"
     if not results.get("complete", True):
         r.status = "incomplete"
     return r

@@ -74,7 +74,11 @@ def load_files(cfg) -> SiteData:
     if not paths:
         raise ValueError("data.source=files needs data.paths: one file per site")
     label_column = _get(cfg.data, "label_column")
-    tables: list[SiteTable] = [read_table(p, label_column=label_column) for p in paths]
+    # Missing cells as the sites read them (the model's ``missing``: error | ignore).
+    missing = str(_get(cfg.model, "missing", None) or "error")
+    tables: list[SiteTable] = [
+        read_table(p, label_column=label_column, missing=missing) for p in paths
+    ]
     names = [t.feature_names for t in tables]
     if any(n != names[0] for n in names[1:]):
         bad = [t.path for t, n in zip(tables, names, strict=True) if n != names[0]]
@@ -84,7 +88,16 @@ def load_files(cfg) -> SiteData:
     truth = None
     if label_column is not None:
         truth = [np.asarray(t.labels) for t in tables]
-    return SiteData([t.X for t in tables], truth, None if names[0] is None else list(names[0]))
+    sites = [_nan_missing(t.X) for t in tables]
+    return SiteData(sites, truth, None if names[0] is None else list(names[0]))
+
+
+def _nan_missing(X):
+    """A file's codes with its missing cells (``-1``) as NaN, as the simulated sources and
+    ``fedvi.federated_fit`` take them (the codes as they are when nothing is missing)."""
+    if sp.issparse(X) or not (X == -1).any():
+        return X
+    return np.where(X == -1, np.nan, X.astype(np.float64))
 
 
 #: ``cfg.data.source`` -> loader. Another source: ``SOURCES["name"] = fn``.

@@ -4,16 +4,20 @@
     python -m simulations.report outputs/2026-11-25/12-00-00      # one run
 
 Every run directory below ``<dir>`` that holds ``comparison.csv`` (written by
-``simulations.compare``) or ``results.json`` (the Flower run alone) contributes its rows,
-tagged with the run's directory, seed and the settings that define the study (from the run's
-own config), so that every number traces to a config and a seed. Written into ``<dir>``:
+``simulations.compare``) or ``results.json`` (the run alone, Flower or in-process) contributes
+its rows, tagged with the run's directory, the keys it overrode (a sweep's job: one column per
+key of its ``.hydra/overrides.yaml``), seed and the settings that define the study (from the
+run's own config) and the engine that ran it, so that every number traces to a config and a
+seed. Written into ``<dir>``:
 
-- ``report.csv`` / ``report.md``: every method of every run.
+- ``report.csv`` / ``report.md``: every method of every run (the run's own row, ``fedmerdel``,
+  also has its ELBO).
 - ``targets.csv`` / ``targets.md``: per run, the issue's targets: federated vs centralised
   MerDel ARI, K found vs truth, federated vs StepMix ARI and, for N >= 1e5, wall-clock (the
   in-process core, sites one after the other, and the Flower simulation, whose time includes
   the engine's start-up).
-- ``ari_vs_sites.png``, ``k_found_vs_truth.png``, ``time_vs_n.png``.
+- ``ari_vs_sites.png``, ``k_found_vs_truth.png``, ``time_vs_n.png``; and, when exactly one
+  numeric key is swept, ``sweep_<key>.png``: ELBO, K, ARI and wall-clock against it.
 
 The presets call :class:`SweepReport` (a Hydra callback) at the end of a run or sweep, so the
 one command that runs a study also writes its report.
@@ -122,6 +126,30 @@ def run_config(run_dir: str) -> dict[str, Any] | None:
     return None
 
 
+def run_overrides(run_dir: str) -> dict[str, Any]:
+    """The overrides a Hydra job ran with (``.hydra/overrides.yaml``): dotted key -> value
+    (``+``/``++``/``~`` prefixes dropped, values parsed as YAML scalars); ``{}`` if none."""
+    path = os.path.join(run_dir, ".hydra", "overrides.yaml")
+    if not os.path.exists(path):
+        return {}
+    import yaml
+
+    with open(path) as fh:
+        items = yaml.safe_load(fh) or []
+    out: dict[str, Any] = {}
+    for item in items:
+        key, _, text = str(item).partition("=")
+        key = key.lstrip("+~")
+        if not key or key.startswith("hydra."):
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        out[key] = value if value is None or isinstance(value, (bool, int, float, str)) else text
+    return out
+
+
 def find_runs(root: str) -> list[str]:
     """Run directories under ``root`` (itself included), in a stable natural order."""
     runs = []
@@ -138,25 +166,58 @@ def find_runs(root: str) -> list[str]:
 
 
 def run_rows(run_dir: str, root: str) -> list[dict[str, Any]]:
-    """The table rows of one run, with its settings prepended."""
+    """The table rows of one run: the keys it overrode (a sweep's job), its settings, the
+    engine, then the method's columns and the run's ELBO (row ``fedmerdel``)."""
     cfg = run_config(run_dir)
-    base = {"run": os.path.relpath(run_dir, root)}
+    base: dict[str, Any] = {"run": os.path.relpath(run_dir, root)}
     for col, key in SETTINGS.items():
         base[col] = _lookup(cfg, key)
+    base.update(run_overrides(run_dir))
+    res = None
+    if os.path.exists(os.path.join(run_dir, "results.json")):
+        with open(os.path.join(run_dir, "results.json")) as fh:
+            res = json.load(fh)
+    base["engine"] = None if res is None else res.get("engine")
     path = os.path.join(run_dir, "comparison.csv")
     rows: list[dict[str, Any]] = []
     if os.path.exists(path):
         with open(path, newline="") as fh:
             rows = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(fh)]
     else:
-        with open(os.path.join(run_dir, "results.json")) as fh:
-            res = json.load(fh)
         from simulations.comparators import flower_row
 
         n_sites = len(res.get("sites") or {}) or None
         rows = [flower_row(res, res.get("n_rows"), n_sites).row()]
         rows[0]["k_true"] = _lookup(cfg, "data.n_clusters")
-    return [{**base, **{c: r.get(c) for c in COLUMNS}} for r in rows]
+    elbo = None if res is None else res.get("elbo")
+    return [
+        {
+            **base,
+            **{c: r.get(c) for c in COLUMNS},
+            "elbo": elbo if r.get("method") == "fedmerdel" else None,
+        }
+        for r in rows
+    ]
+
+
+def sweep_keys(root: str) -> list[str]:
+    """The keys overridden by the runs under ``root`` (first seen first): the columns a sweep
+    adds to the report."""
+    return list(dict.fromkeys(k for run in find_runs(root) for k in run_overrides(run)))
+
+
+def swept_keys(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> list[str]:
+    """The ``keys`` whose value differs between ``rows``."""
+    return [k for k in keys if len({repr(r.get(k)) for r in rows}) > 1]
+
+
+def summary_columns(keys: Sequence[str]) -> list[str]:
+    """The columns printed on the console: the run, its overridden ``keys``, the results."""
+    return list(dict.fromkeys(["run", *keys, *COLUMNS[:-1], "elbo", "engine", COLUMNS[-1]]))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def collect(root: str) -> list[dict[str, Any]]:
@@ -311,13 +372,68 @@ def write_figures(rows: Sequence[Mapping[str, Any]], out_dir: str) -> list[str]:
     return paths
 
 
+#: Panels of the sweep figure: column -> axis label.
+SWEEP_METRICS = {"elbo": "ELBO", "k_found": "K found", "ari": "ARI", "wall_s": "wall-clock (s)"}
+
+
+def sweep_figure(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], out_dir: str):
+    """``sweep_<key>.png``: ELBO, K, ARI and wall-clock of each run against the swept key,
+    when exactly one of the overridden ``keys`` that vary is numeric, ``seed`` aside (seeds are
+    replicates: a point each, the line their mean); one line per value of the other swept keys.
+    Returns the path, or ``None`` (no such key: no figure)."""
+    runs = [r for r in rows if r.get("method") == "fedmerdel" and r.get("status") == "ok"]
+    swept = swept_keys(runs, keys)
+    numeric = [k for k in swept if all(_is_number(r.get(k)) for r in runs)]
+    if len(numeric) > 1 and "seed" in numeric:
+        numeric.remove("seed")
+    if len(numeric) != 1:
+        return None
+    (x,) = numeric
+    others = [k for k in swept if k not in (x, "seed")]
+    metrics = [m for m in SWEEP_METRICS if any(_is_number(r.get(m)) for r in runs)]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.4), squeeze=False)
+    lines = list(dict.fromkeys(tuple(r.get(k) for k in others) for r in runs))
+    for ax, m in zip(axes[0], metrics, strict=True):
+        for i, line in enumerate(lines):
+            where = dict(zip(others, line, strict=True))
+            pts = [
+                (r[x], _num(r.get(m)))
+                for r in runs
+                if all(r.get(k) == v for k, v in where.items()) and _is_number(r.get(m))
+            ]
+            if not pts:
+                continue
+            xs = sorted({a for a, _ in pts})
+            label = ", ".join(f"{k}={v}" for k, v in where.items()) or None
+            ax.plot(
+                xs, [np.mean([b for a, b in pts if a == v]) for v in xs], color=f"C{i}", label=label
+            )
+            ax.scatter(*zip(*pts, strict=True), color=f"C{i}", s=12)
+        ax.set_xlabel(x)
+        ax.set_ylabel(SWEEP_METRICS[m])
+    if others:
+        axes[0, -1].legend(fontsize=7)
+    fig.suptitle(f"{len(runs)} runs against {x} (line: mean)", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"sweep_{x}.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def make_report(root: str, out_dir: str | None = None, plots: bool = True) -> list[dict]:
     """Collect ``root`` and write the report files into ``out_dir`` (default ``root``)."""
     out_dir = out_dir or root
     rows = collect(root)
     if not rows:
         raise FileNotFoundError(f"no run under {root} has comparison.csv or results.json")
-    columns = [*RUN_COLUMNS, *[c for c in COLUMNS if c not in RUN_COLUMNS]]
+    keys = sweep_keys(root)
+    columns = list(dict.fromkeys(["run", *keys, *RUN_COLUMNS, "engine", *COLUMNS, "elbo"]))
     rows = [{c: r.get(c) for c in columns} for r in rows]
     write_table(rows, out_dir, "report")
     tgt = targets(rows)
@@ -325,6 +441,7 @@ def make_report(root: str, out_dir: str | None = None, plots: bool = True) -> li
         write_table(tgt, out_dir, "targets")
     if plots:
         write_figures(rows, out_dir)
+        sweep_figure(rows, keys, out_dir)
     return rows
 
 
@@ -350,6 +467,7 @@ class SweepReport(_Callback):
                 rows,
                 [
                     "run",
+                    *sweep_keys(root),
                     "split",
                     "method",
                     "status",
@@ -357,7 +475,9 @@ class SweepReport(_Callback):
                     "k_found",
                     "ari",
                     "nmi",
+                    "elbo",
                     "wall_s",
+                    "engine",
                     "uplink_bytes",
                 ],
             )
@@ -391,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = args.out or args.dir
-    print(markdown_table(rows))
+    print(markdown_table(rows, summary_columns(sweep_keys(args.dir))))
     tpath = os.path.join(out, "targets.md")
     if os.path.exists(tpath):
         with open(tpath) as fh:

@@ -6,9 +6,14 @@
     python -m simulations.run data=files 'data.paths=[a.csv,b.parquet]' data.label_column=y
 
 Sites run as Flower ClientApps on the simulation engine (Ray), each reading its table from its
-file; the outputs land in the Hydra run directory (see ``strategies.outputs``). The exit status
-is 0 when the run completed, 3 when it completed without some sites, 1 when it failed; the
-console gets one line per site and phase, ``run.log`` the details.
+file; the outputs land in the Hydra run directory (see ``strategies.outputs``). For sweeps,
+``federation.engine=inprocess`` runs the same sites and settings as function calls in this
+process (``simulations.inprocess``: same outputs, no engine start-up per job):
+
+    python -m simulations.run -m federation.engine=inprocess seed=0,1,2,3 +experiment=small
+
+The exit status is 0 when the run completed, 3 when it completed without some sites, 1 when it
+failed; the console gets one line per site and phase (Flower), ``run.log`` the details.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from simulations.data import load_sites, read_site_truth, site_file_paths, write_site_files
+from simulations.inprocess import EngineRun, run_inprocess
 from strategies.config import RunSettings, register
 from strategies.outputs import exit_code, write_outputs
 from strategies.server_app import build_strategy
@@ -63,6 +69,10 @@ class _ConsoleLines(logging.Filter):
         return record.levelno >= logging.WARNING and "\n" not in text and "Traceback" not in text
 
 
+class _RunLog(logging.FileHandler):
+    """The job's ``run.log``; the previous job's is closed when a sweep starts the next."""
+
+
 def _quiet_flower(run_dir: str) -> None:
     from flwr.common.logger import update_console_handler
 
@@ -71,7 +81,11 @@ def _quiet_flower(run_dir: str) -> None:
     update_console_handler(colored=sys.stdout.isatty())  # no ANSI codes in a redirected log
     for h in flwr.handlers:
         h.addFilter(_ConsoleLines())
-    fh = logging.FileHandler(os.path.join(run_dir, "run.log"))
+    for logger in (flwr, TRACE):  # a sweep runs its jobs in this process, one after another
+        for h in [h for h in logger.handlers if isinstance(h, _RunLog)]:
+            logger.removeHandler(h)
+            h.close()
+    fh = _RunLog(os.path.join(run_dir, "run.log"))
     fh.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     flwr.addHandler(fh)
     # Tracebacks go to run.log only; the console gets the one-line reason.
@@ -152,12 +166,9 @@ def _site_labels(run_dir: str, result) -> list | None:
     return out
 
 
-@hydra.main(version_base=None, config_path="../configs", config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    """One run; returns the ARI when known labels exist (handy for sweeps)."""
-    run_dir = HydraConfig.get().runtime.output_dir
-    _quiet_flower(run_dir)
-    settings = RunSettings.from_cfg(cfg)
+def run_flower(cfg, settings: RunSettings, run_dir: str, resume=None) -> EngineRun:
+    """The Flower engine: the sites' files (written first for in-memory sources), the
+    simulation, the labels the sites wrote."""
     wall = {}
     t = time.perf_counter()
     sites = truth = None
@@ -174,29 +185,41 @@ def main(cfg: DictConfig) -> float | None:
         cfg.federation.get("split", "-"),
         run_dir,
     )
+    t = time.perf_counter()
+    strategy = run_federation(settings, paths, label_column, run_dir, resume)
+    wall["simulation"] = time.perf_counter() - t
+    result = strategy.result
+    if truth is None and label_column:
+        truth = read_site_truth(paths, label_column)
+    return EngineRun(result, _site_labels(run_dir, result), sites, truth, wall)
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """One run; returns the ARI when known labels exist (handy for sweeps)."""
+    run_dir = HydraConfig.get().runtime.output_dir
+    _quiet_flower(run_dir)
+    settings = RunSettings.from_cfg(cfg)
     resume = None
     if cfg.get("resume"):
         from fedvi.model import load_model
 
         resume = load_model(str(cfg.resume))
-    t = time.perf_counter()
-    strategy = run_federation(settings, paths, label_column, run_dir, resume)
-    wall["simulation"] = time.perf_counter() - t
-    result = strategy.result
+    engine = settings.federation.engine
+    run = (run_inprocess if engine == "inprocess" else run_flower)(cfg, settings, run_dir, resume)
+    result, sites, truth, wall = run.result, run.sites, run.truth, run.wall
     comparators = bool(cfg.get("comparators")) and result.status != "failed"
     if comparators and sites is None:  # the comparators need the rows: one read for both
         sites, truth, _ = load_sites(cfg)
-    elif truth is None and label_column:
-        truth = read_site_truth(paths, label_column)
-    labels = _site_labels(run_dir, result)
     results = write_outputs(
         result,
         run_dir,
         cfg=cfg,
-        labels=labels,
+        labels=run.labels,
         truth=truth,
         plots=bool(cfg.get("plots", True)),
         wall_clock=wall,
+        engine=engine,
     )
     scores = ""
     if "ari" in results:
@@ -215,7 +238,7 @@ def main(cfg: DictConfig) -> float | None:
             results["elbo"],
             scores,
             list(results["uplink_bytes"].values()),
-            wall["simulation"],
+            wall.get("simulation", wall.get("inprocess", 0.0)),
             run_dir,
         )
     for f in result.failures:

@@ -3,7 +3,8 @@
 :class:`StrategyOptions` (with :class:`fedvi.ServerOptions`, the ``strategy`` config group):
 which sites to expect and how long to wait for them, timeouts, secure aggregation.
 :class:`FederationOptions` (the ``federation`` config group): how many sites, their partition
-ids, and, for simulations only, how simulated rows are split and Ray's resources per site.
+ids, and, for simulations only, how simulated rows are split, Ray's resources per site and
+which engine runs the sites.
 """
 
 from __future__ import annotations
@@ -88,6 +89,13 @@ class FederationOptions:
         Interval(float, 0, open_low=True),
     )
     num_gpus: float = setting(0.0, "simulations: Ray GPUs per site", Interval(float, 0))
+    engine: str = setting(
+        "flower",
+        "simulations: flower (each site a ClientApp on Flower's simulation engine, the faithful "
+        "path) | inprocess (fedvi.federated_fit in this process: same settings, policies and "
+        "outputs, no engine start-up; for sweeps). A deployment always runs on Flower",
+        OneOf("flower", "inprocess"),
+    )
 
     def __post_init__(self):
         check_fields(self)

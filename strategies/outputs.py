@@ -1,10 +1,11 @@
 """What a run leaves in its directory, completed or failed.
 
-``results.json`` (status, failures by site and node, what finished, per-site reports, the
-data as the sites reported it in pre-flight), ``model.npz`` (the global model, see
-:func:`fedvi.load_model`), ``cluster_profiles.csv``/``.png``, ``variable_relevance.csv``/``.png``
-with variable selection, and ``config_resolved.yaml`` (the settings that ran and the data the
-sites reported). Works on a :class:`fedvi.FederatedResult`; ``truth`` (simulations) adds ARI/NMI.
+``results.json`` (the engine that ran the sites, status, failures by site and node, what
+finished, per-site reports, the data as the sites reported it in pre-flight), ``model.npz``
+(the global model, see :func:`fedvi.load_model`), ``cluster_profiles.csv``/``.png``,
+``variable_relevance.csv``/``.png`` with variable selection, and ``config_resolved.yaml`` (the
+settings that ran and the data the sites reported). Works on a :class:`fedvi.FederatedResult`;
+``truth`` (simulations) adds ARI/NMI.
 """
 
 from __future__ import annotations
@@ -189,18 +190,20 @@ def write_outputs(
     plots: bool = True,
     wall_clock: dict | None = None,
     deployment: bool = False,
+    engine: str = "flower",
 ) -> dict:
     """Write ``results.json``, ``model.npz``, the profiles (and plots) and the resolved config
     to ``out_dir``, whatever the run's status; returns the results dict. ``deployment``: the
     config's ``data`` group (the default simulated study) did not run, so it is replaced by the
-    data the sites reported."""
+    data the sites reported. ``engine``: what ran the sites (``flower`` or ``inprocess``,
+    recorded in ``results.json``)."""
     os.makedirs(out_dir, exist_ok=True)
     files = []
     try:
         files += [os.path.basename(p) for p in write_profiles(result, out_dir, plots)]
     except Exception as exc:  # a plot must not lose the results
         result.notes.append(f"profiles not written: {type(exc).__name__}: {exc}")
-    res = results_dict(result, labels, truth, wall_clock)
+    res = {"engine": engine, **results_dict(result, labels, truth, wall_clock)}
     if result.model is not None:
         result.model.save(os.path.join(out_dir, "model.npz"))
         files.append("model.npz")

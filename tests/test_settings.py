@@ -81,6 +81,7 @@ VALUES = {
         "n_exclusive": (1, "1"),
         "num_cpus": (2.0, "2.0"),
         "num_gpus": (0.5, "0.5"),
+        "engine": ("inprocess", "inprocess"),
     },
     SitePolicy: {
         "min_cluster_size": (10, "10"),

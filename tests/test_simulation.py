@@ -25,6 +25,7 @@ from strategies.config import RunSettings, compose_config  # noqa: E402
 
 pytestmark = [pytest.mark.simulation, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ("flower", "inprocess")
 
 
 def run(args: list[str], timeout: float = 300, expect: int = 0) -> subprocess.CompletedProcess:
@@ -203,3 +204,37 @@ def test_a_site_joins_a_saved_model_through_the_app(tmp_path):
     model = fedvi.load_model(out / "model.npz")
     assert model.site_ids == (0, 1, 2, 3, 4)
     np.testing.assert_array_equal(read_labels(latest_labels(out / "labels", 4)), ref.labels[0])
+
+
+def test_the_in_process_engine_gives_the_flower_runs_outputs(tmp_path):
+    """``federation.engine=inprocess`` and the Flower engine on one run (DP off, refinement
+    on): same K, ELBO history, labels on every site, profiles and model."""
+    common = ["+experiment=small", "federation.sites=3", "seed=5", "strategy.refine_rounds=2"]
+    run([*common, f"hydra.run.dir={tmp_path / 'flower'}"])
+    run([*common, "federation.engine=inprocess", f"hydra.run.dir={tmp_path / 'inprocess'}"])
+    out = {e: json.loads((tmp_path / e / "results.json").read_text()) for e in ENGINES}
+    flower, inproc = out["flower"], out["inprocess"]
+    assert flower["engine"] == "flower" and inproc["engine"] == "inprocess"
+    assert flower["status"] == inproc["status"] == "completed"
+    assert inproc["n_clusters"] == flower["n_clusters"]
+    assert len(inproc["elbo_history"]) == len(flower["elbo_history"]) > 2
+    np.testing.assert_allclose(inproc["elbo_history"], flower["elbo_history"], rtol=1e-9)
+    assert inproc["ari"] == pytest.approx(flower["ari"], abs=1e-12)
+    for b in range(3):
+        files = {e: out[e]["sites"][f"site {b}"]["label_file"] for e in ENGINES}
+        assert files["inprocess"].endswith(files["flower"].rsplit("_", 1)[1])  # same model hash
+        np.testing.assert_array_equal(
+            read_labels(tmp_path / "inprocess" / "labels" / files["inprocess"]),
+            read_labels(tmp_path / "flower" / "labels" / files["flower"]),
+        )
+        assert inproc["sites"][f"site {b}"]["counts"] == flower["sites"][f"site {b}"]["counts"]
+    for name in ("cluster_profiles.csv", "cluster_profiles.png", "model.npz"):
+        assert (tmp_path / "inprocess" / name).exists(), name
+    assert (tmp_path / "inprocess" / "cluster_profiles.csv").read_text() == (
+        tmp_path / "flower" / "cluster_profiles.csv"
+    ).read_text()
+    models = {e: fedvi.load_model(tmp_path / e / "model.npz") for e in ENGINES}
+    assert models["inprocess"].site_ids == models["flower"].site_ids
+    np.testing.assert_allclose(
+        models["inprocess"].posterior.sums, models["flower"].posterior.sums, rtol=1e-9
+    )
