@@ -154,9 +154,9 @@ def paper_estimate(n_sites: int = 6500, rows: int = 10_000) -> dict:
                 n_rows=rows,
             )
         )
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     merged = global_merge(sites)
-    merge_s = time.perf_counter() - t
+    merge_s, merge_cpu = time.perf_counter() - t, time.process_time() - c
     G = merged.n_clusters
     stats = [fixed_contribution(s, m, G) for s, m in zip(sites, merged.mapping, strict=True)]
     t = time.perf_counter()
@@ -171,6 +171,7 @@ def paper_estimate(n_sites: int = 6500, rows: int = 10_000) -> dict:
         "site_refine_s": one["refine"],
         "site_labels_s": one["labels"],
         "server_merge_s": merge_s,
+        "server_merge_cpu_s": merge_cpu,
         "server_refine_round_s": round_s,
         "refine_rounds": r,
         "K": G,
@@ -250,26 +251,32 @@ def figure(rows: list[dict], flower: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ok = [r for r in flower if r.get("rc") == 0]
+    fig, axes = plt.subplots(1, 2 if ok else 1, figsize=(11 if ok else 6.5, 4.2), squeeze=False)
+    ax = axes[0, 0]
     for refine, style in ((0, "o-"), (1, "s--")):
         sel = [r for r in rows if (r["refine_rounds"] > 0) == bool(refine)]
         if sel:
             n = [r["sites"] for r in sel]
-            label = "in-process, one-shot" if not refine else "in-process, refinement"
+            label = "one-shot" if not refine else "with refinement"
             ax.plot(n, [r["cpu"] for r in sel], style, label=f"{label}: total")
             if not refine:
                 ax.plot(n, [r["cpu_local"] for r in sel], ":", label="local fits (sum)")
                 ax.plot(n, [max(r["cpu_merge"], 1e-3) for r in sel], "x-", label="global merge")
-    ok = [r for r in flower if r.get("rc") == 0]
+    ax.set_title("in-process, CPU seconds", fontsize=10)
+    ax.set_ylabel("seconds")
     if ok:
+        fx = axes[0, 1]
         n = [r["sites"] for r in ok]
-        ax.plot(n, [r["wall"] for r in ok], "^-", label="Flower simulation (wall)")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("sites (1,000 rows each)")
-    ax.set_ylabel("CPU seconds (in-process); wall (Flower)")
-    ax.legend(fontsize=8)
-    ax.grid(True, which="both", alpha=0.3)
+        fx.plot(n, [r["wall"] for r in ok], "^-", label="whole run")
+        fx.plot(n, [r["per_site"] for r in ok], "v:", label="per site")
+        fx.set_title("Flower simulation (Ray, 2 sites at a time), wall", fontsize=10)
+    for x in axes[0]:
+        x.set_xscale("log")
+        x.set_yscale("log")
+        x.set_xlabel("sites (1,000 rows each)")
+        x.legend(fontsize=8)
+        x.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -290,8 +297,25 @@ def main() -> None:
     p.add_argument("--no-paper", action="store_true", help="skip the 6,500-practice estimate")
     p.add_argument("--figure", default=None, help="write the figure here (PNG)")
     p.add_argument("--json", default=None, help="write every figure here")
+    p.add_argument(
+        "--from-json",
+        default=None,
+        help="comma-separated --json files of earlier runs: print their table, draw the figure",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.from_json:
+        rows, flower = [], []
+        for path in a.from_json.split(","):
+            with open(path) as f:
+                saved = json.load(f)
+            rows += [r for r in saved["in_process"] if "cpu" in r]  # runs with CPU times
+            flower += saved.get("flower") or []
+        rows.sort(key=lambda r: (r["refine_rounds"] > 0, r["sites"]))
+        print(table(rows))
+        if a.figure:
+            figure(rows, sorted(flower, key=lambda r: r["sites"]), a.figure)
+        return
     if a.worker:  # one configuration in this process: print its figures
         kind, n, refine = a.worker.split(":")
         out = paper_estimate() if kind == "paper" else run_in_process(int(n), refine == "1")
