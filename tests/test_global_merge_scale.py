@@ -4,6 +4,7 @@ the same decisions as the quadratic merge it replaced, and a 500-site federation
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import cache
 
 import numpy as np
 import pytest
@@ -110,6 +111,7 @@ def _canonical(result) -> np.ndarray:
     return lowest[global_of]
 
 
+@cache  # the fits are reused by several tests; callers do not mutate them
 def _sites(
     likelihood="bernoulli", n_sites=8, rows=2400, missing=False, vs=False, seed=3, split="dirichlet"
 ):
@@ -125,7 +127,7 @@ def _sites(
         seed=seed,
         **({"missing": "ignore"} if missing else {}),
     )
-    return res.site_summaries
+    return tuple(res.site_summaries)
 
 
 VARIANTS = {
