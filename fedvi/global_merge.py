@@ -222,15 +222,16 @@ def _paper(groups: _Groups, block_of: np.ndarray, n_blocks: int) -> None:
     that raises the ELBO. Later sites are scored a window at a time (all their admissible
     candidates at once); the first site with a positive candidate decides, and the window
     restarts after it, since the group changed."""
-    of_block = [np.flatnonzero(block_of == m) for m in range(n_blocks)]
+    # Pooled clusters are in site order: site m's clusters are start[m]:start[m + 1].
+    start = np.searchsorted(block_of, np.arange(n_blocks + 1))
     for b in range(n_blocks):
-        for k in of_block[b]:
+        for k in range(start[b], start[b + 1]):
             m0, width = b + 1, 4
             while m0 < n_blocks:
                 g = int(groups.group_of[k])
                 window = range(m0, min(n_blocks, m0 + width))
-                cands = np.concatenate([of_block[m] for m in window])
-                site_of = np.concatenate([np.full(len(of_block[m]), m) for m in window])
+                cands = np.arange(start[window.start], start[window.stop])
+                site_of = block_of[cands]
                 targets = groups.group_of[cands]
                 ok = groups.admissible(g, targets)
                 pos = np.zeros(len(targets), dtype=bool)
