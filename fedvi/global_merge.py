@@ -11,12 +11,14 @@ the same rule.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from fedvi.elbo import elbo, merge_gain
+from fedvi.elbo import elbo
 from fedvi.options import MERGE_MODES
+from fedvi.pair_gain import BLOCK_CELLS, PairGain
 from fedvi.summaries import Summaries
 from fedvi.vi import relevance_step
 
@@ -79,91 +81,182 @@ def check_compatible(sites: list[Summaries], names: list[str] | None = None) -> 
             )
 
 
+#: Pooled clusters up to which best-first scores every admissible pair (the exact greedy).
+#: Beyond, best-first runs on chunks of sites of at most this many clusters, then on the
+#: chunks' groups (docs/method.md, the merge at many sites).
+EXACT_LIMIT = 1024
+
+
 class _Groups:
     """Mutable merge state: statistics of the current global clusters and their sites."""
 
     def __init__(self, pooled: Summaries, members: np.ndarray):
         self.pooled = pooled
-        self.counts = pooled.counts.copy()
-        self.sums = pooled.sums.copy()
-        self.observed = None if pooled.observed is None else pooled.observed.copy()
+        self.scorer = PairGain.from_summaries(pooled)
         self.relevance = pooled.relevance
-        K = len(self.counts)
+        K = pooled.n_clusters
         self.sites = members.copy()
         self.group_of = np.arange(K)  # current group of each pooled cluster
+        self.members = [[k] for k in range(K)]
         self.alive = np.ones(K, dtype=bool)
         self.n_merges = 0
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self.scorer.counts
+
+    @property
+    def sums(self) -> np.ndarray:
+        return self.scorer.sums
 
     def stats(self) -> Summaries:
         """The current groups' statistics (all pooled slots; dead ones are unused)."""
         return replace(
             self.pooled,
-            counts=self.counts,
-            sums=self.sums,
-            observed=self.observed,
+            counts=self.scorer.counts,
+            sums=self.scorer.sums,
+            observed=self.scorer.observed,
             relevance=self.relevance,
         )
 
-    def gain(self, i: int, others: np.ndarray) -> np.ndarray:
-        """Gain of merging group ``i`` with each of ``others``; ``-inf`` where not admissible."""
-        g = np.full(len(others), -np.inf)
-        if not self.alive[i]:
-            return g
-        ok = self.alive[others] & ~(self.sites[others] & self.sites[i]).any(axis=1) & (others != i)
-        if ok.any():
-            idx = others[ok]
-            g[ok] = merge_gain(self.stats(), np.full(len(idx), i), idx)
-        return g
+    def set_relevance(self, relevance) -> None:
+        self.relevance = relevance
+        self.scorer.set_relevance(relevance)
+
+    def admissible(self, i: int, others: np.ndarray) -> np.ndarray:
+        """``(M,)`` bool: ``others`` alive, not ``i``, with no site in common with ``i``."""
+        return (
+            self.alive[others] & (others != i) & ~(self.sites[others] & self.sites[i]).any(axis=1)
+        )
 
     def merge(self, i: int, j: int) -> None:
-        self.counts[i] += self.counts[j]
-        self.sums[i] += self.sums[j]
-        if self.observed is not None:
-            self.observed[i] += self.observed[j]
+        self.scorer.merge(i, j)
         self.sites[i] |= self.sites[j]
         self.alive[j] = False
-        self.group_of[self.group_of == j] = i
+        self.group_of[self.members[j]] = i
+        self.members[i].extend(self.members[j])
+        self.members[j] = []
         self.n_merges += 1
 
 
-def _best_first(groups: _Groups) -> None:
-    K = len(groups.counts)
-    all_idx = np.arange(K)
-    gains = np.vstack([groups.gain(i, all_idx) for i in range(K)]) if K else np.zeros((0, 0))
-    gains[np.tril_indices(K)] = -np.inf
-    while K > 1:
-        flat = int(np.argmax(gains))
-        i, j = divmod(flat, K)
-        if not gains[i, j] > 0:
-            break
-        groups.merge(i, j)
-        gains[j, :] = gains[:, j] = -np.inf
-        row = groups.gain(i, all_idx)
-        gains[i, :] = np.where(all_idx > i, row, -np.inf)
-        gains[:, i] = np.where(all_idx < i, row, -np.inf)
+def _exact_best_first(groups: _Groups, ids: np.ndarray) -> None:
+    """Best-first on the groups ``ids`` (sorted): merge the admissible pair with the largest
+    positive gain, rescore the pairs of the merged group, repeat until no gain is positive.
+
+    The gains live in an upper-triangular ``(K, K)`` matrix scored in row blocks; a heap of
+    each row's best entry, checked against the row's current best when popped (lazy
+    invalidation), picks the largest gain, ties to the lowest row then column.
+    """
+    K = len(ids)
+    if K < 2:
+        return
+    cols = np.flatnonzero(groups.sites[ids].any(axis=0))  # the sites these groups hold
+    member = groups.sites[np.ix_(ids, cols)].astype(np.float32)
+    disjoint = (member @ member.T) < 0.5
+    G = np.full((K, K), -np.inf)
+    step = max(1, BLOCK_CELLS // max(1, groups.sums.shape[1]) // K)
+    for r0 in range(0, K, step):
+        r1 = min(K, r0 + step)
+        ii, jj = np.nonzero(np.triu(disjoint[r0:r1], k=r0 + 1))
+        G[ii + r0, jj] = groups.scorer.gains(ids[ii + r0], ids[jj])
+    alive = np.ones(K, dtype=bool)
+    best = G.max(axis=1)
+    arg = G.argmax(axis=1)
+    heap = [(-best[x], x, int(arg[x])) for x in range(K) if best[x] > 0]
+    heapq.heapify(heap)
+
+    def push(rows):
+        best[rows] = G[rows].max(axis=1)
+        arg[rows] = G[rows].argmax(axis=1)
+        for x in rows:
+            if best[x] > 0:
+                heapq.heappush(heap, (-best[x], int(x), int(arg[x])))
+
+    while heap:
+        g, x, y = heapq.heappop(heap)
+        if not alive[x] or best[x] != -g or arg[x] != y:
+            continue  # stale: the row changed since this entry was pushed
+        groups.merge(int(ids[x]), int(ids[y]))
+        alive[y] = False
+        G[y, :] = G[:, y] = -np.inf
+        disjoint[x] &= disjoint[y]  # the merged group holds the sites of both
+        disjoint[:, x] = disjoint[x]
+        others = np.flatnonzero(alive & disjoint[x])
+        row = np.full(K, -np.inf)
+        row[others] = groups.scorer.gains_against(int(ids[x]), ids[others])
+        G[x, x + 1 :] = row[x + 1 :]
+        G[:x, x] = row[:x]
+        above = np.arange(x)
+        stale = alive[:x] & ((arg[:x] == x) | (arg[:x] == y))
+        between = np.flatnonzero(alive[x + 1 : y] & (arg[x + 1 : y] == y)) + x + 1
+        push(np.concatenate([above[stale], between, [x]]).astype(np.int64))
+        up = alive[:x] & ~stale & ((row[:x] > best[:x]) | ((row[:x] == best[:x]) & (x < arg[:x])))
+        for r in np.flatnonzero(up):
+            best[r], arg[r] = row[r], x
+            if best[r] > 0:
+                heapq.heappush(heap, (-best[r], int(r), x))
+
+
+def _best_first(groups: _Groups, limit: int = EXACT_LIMIT) -> None:
+    """Best-first over all alive groups; above ``limit`` groups, first within consecutive
+    chunks of at most ``limit`` groups (by their first site, the pass order), then over the
+    chunks' groups, until one chunk holds them all. Cost: about ``limit`` pair gains per
+    pooled cluster, so linear in the number of sites."""
+    while True:
+        ids = np.flatnonzero(groups.alive)
+        if len(ids) <= limit:
+            _exact_best_first(groups, ids)
+            return
+        first_site = groups.sites[ids].argmax(axis=1)
+        ids = ids[np.argsort(first_site, kind="stable")]
+        before = groups.n_merges
+        for s in range(0, len(ids), limit):
+            _exact_best_first(groups, np.sort(ids[s : s + limit]))
+        if groups.n_merges == before:
+            limit *= 2  # nothing merged within chunks: wider chunks (at worst, all pairs)
 
 
 def _paper(groups: _Groups, block_of: np.ndarray, n_blocks: int) -> None:
+    """The authors' pass: sites in order; each cluster of site b tries the clusters of each
+    later site m in decreasing correlation of their count profiles and merges with the first
+    that raises the ELBO. Later sites are scored a window at a time (all their admissible
+    candidates at once); the first site with a positive candidate decides, and the window
+    restarts after it, since the group changed."""
+    # Pooled clusters are in site order: site m's clusters are start[m]:start[m + 1].
+    start = np.searchsorted(block_of, np.arange(n_blocks + 1))
     for b in range(n_blocks):
-        for k in np.flatnonzero(block_of == b):
-            for m in range(b + 1, n_blocks):
-                g = groups.group_of[k]
-                cands = np.flatnonzero(block_of == m)
+        for k in range(start[b], start[b + 1]):
+            m0, width = b + 1, 4
+            while m0 < n_blocks:
+                g = int(groups.group_of[k])
+                window = range(m0, min(n_blocks, m0 + width))
+                cands = np.arange(start[window.start], start[window.stop])
+                site_of = block_of[cands]
                 targets = groups.group_of[cands]
-                corr = np.array([_corr(groups.sums[g], groups.sums[t]) for t in targets])
-                for t in targets[np.argsort(-corr, kind="stable")]:
-                    if t == g or (groups.sites[g] & groups.sites[t]).any():
-                        continue
-                    if groups.gain(g, np.array([t]))[0] > 0:
-                        groups.merge(g, t)
-                        break
+                ok = groups.admissible(g, targets)
+                pos = np.zeros(len(targets), dtype=bool)
+                if ok.any():
+                    pos[ok] = groups.scorer.gains_against(g, targets[ok]) > 0
+                if not pos.any():
+                    m0, width = window.stop, 2 * width
+                    continue
+                m = int(site_of[np.argmax(pos)])
+                here = site_of == m
+                t_m, pos_m = targets[here], pos[here]
+                corr = _corr(groups.sums[g], groups.sums[t_m])
+                order = np.argsort(-corr, kind="stable")
+                t = int(t_m[order[np.argmax(pos_m[order])]])
+                groups.merge(g, t)
+                m0, width = m + 1, 4
 
 
-def _corr(u: np.ndarray, v: np.ndarray) -> float:
-    su, sv = u.std(), v.std()
-    if su == 0 or sv == 0:
-        return 0.0
-    return float(((u - u.mean()) * (v - v.mean())).mean() / (su * sv))
+def _corr(u: np.ndarray, V: np.ndarray) -> np.ndarray:
+    """``(M,)`` correlation of the profile ``u (P,)`` with each row of ``V (M, P)`` (0 where
+    either is constant)."""
+    su, sv = u.std(), V.std(axis=1)
+    cov = ((u - u.mean()) * (V - V.mean(axis=1, keepdims=True))).mean(axis=1)
+    ok = (su != 0) & (sv != 0)
+    return np.divide(cov, su * sv, out=np.zeros(len(V)), where=ok)
 
 
 def _refit_relevance(groups: _Groups, max_iter: int = 200) -> bool:
@@ -179,7 +272,7 @@ def _refit_relevance(groups: _Groups, max_iter: int = 200) -> bool:
             c = new
             break
         c = new
-    groups.relevance = c
+    groups.set_relevance(c)
     return bool(np.max(np.abs(c - c0)) > 1e-6)
 
 
@@ -189,6 +282,7 @@ def global_merge(
     names: list[str] | None = None,
     site_ids: list[int] | None = None,
     base: tuple[Summaries, np.ndarray, list[int]] | None = None,
+    exact_limit: int = EXACT_LIMIT,
 ) -> GlobalMerge:
     """Pool the sites' clusters and merge across sites while the ELBO rises.
 
@@ -199,7 +293,12 @@ def global_merge(
 
     ``base``: an existing global model to extend, as ``(posterior, membership (G, S0),
     base_site_ids)``; its clusters enter as groups holding those sites, the new ``sites`` join.
+
+    ``exact_limit``: up to this many pooled clusters best-first scores every admissible pair;
+    beyond, it works on chunks of sites first (linear cost in the number of sites).
     """
+    if exact_limit < 2:
+        raise ValueError(f"exact_limit must be at least 2, got {exact_limit}")
     if mode not in MERGE_MODES:
         raise ValueError(f"merge mode must be one of {MERGE_MODES}, got {mode!r}")
     site_ids = list(range(len(sites))) if site_ids is None else [int(s) for s in site_ids]
@@ -238,7 +337,7 @@ def global_merge(
         if mode == "paper":
             _paper(groups, block_of, len(parts))
         else:
-            _best_first(groups)
+            _best_first(groups, exact_limit)
         moved = _refit_relevance(groups)
         if groups.n_merges == merges and not moved:
             break

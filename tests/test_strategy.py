@@ -358,3 +358,19 @@ def test_secure_rounds_run_through_the_workflow(tmp_path):
     total = sum(np.where(ref.sites[b].counts > 0, ref.sites[b].counts, 0) for b in range(3))
     assert o.privacy["label_counts_total"] == total.tolist()
     assert o.privacy["secure_aggregation"] is True
+
+
+def test_timeouts_grow_with_the_waves_of_a_simulations_sites(tmp_path):
+    """Many virtual sites on few CPU slots take turns: every phase's timeout, pre-flight
+    included, grows with the number of waves (1,000 sites on 2 slots needed about 2 s a wave
+    of engine time besides the work); a deployment (no slots) keeps the base timeouts."""
+    from strategies.workflow import WAVE_OVERHEAD, phase_timeout
+
+    paths = [tmp_path / f"s{b}.npy" for b in range(1000)]
+    many = make_strategy(paths, tmp_path, site_slots=2)
+    deployed = make_strategy(paths, tmp_path)
+    base = StrategyOptions().preflight_timeout
+    assert phase_timeout(deployed, Phase.PREFLIGHT) == base
+    assert phase_timeout(many, Phase.PREFLIGHT) == base + 500 * WAVE_OVERHEAD
+    assert phase_timeout(many, Phase.LOCAL) >= 120.0 + 500 * WAVE_OVERHEAD
+    assert phase_timeout(deployed, Phase.LOCAL) < 200.0

@@ -1,0 +1,373 @@
+"""Time and memory against the number of sites: a federation of many small practices.
+
+    python benchmarks/bench_sites.py                          # 10, 100, 500, 1000, 5000 sites
+    python benchmarks/bench_sites.py --sites 10,100           # a subset
+    python benchmarks/bench_sites.py --flower --flower-sites 10,100,1000   # Flower simulation too
+    python benchmarks/bench_sites.py --figure docs/sites.png  # the figure of time per site
+
+In-process: ``fedvi.federated_fit`` on sites of 1,000 rows each (D 50 binary variables, 6 true
+clusters with ``theta ~ Beta(1, 1)``, equal weights, ``K_init`` 20), once one-shot
+(``refine_rounds=0``) and once with the default refinement. Each size runs in its own
+process, so its peak memory (max RSS, data included) is its own. Phases are timed from
+outside: the functions ``fedvi.federated`` calls for them are wrapped by this script (local
+fits, global merge, refinement at the sites and the server, labels). Bytes per site: what each
+site sent (its report's uplink) and what it received (the global posterior, once per
+refinement round and once for labels, plus its mapping).
+
+The paper estimate (6,500 practices of 10,000 patients each): one site's local fit, refinement
+step and labels measured at 10,000 rows (sites work in parallel, so that is their wall time);
+the server's merge and refinement sums measured on 6,500 sites' summaries of that size (the
+statistics a site's six clusters would give, drawn from the generating model); bytes from the
+encoded arrays.
+
+``--flower``: ``python -m simulations.run`` (Flower's simulation engine, Ray) with 10, 100 and
+1,000 virtual SuperNodes of 1,000 rows each (the ``simulated`` source with the same sizes;
+its ``theta ~ Beta(1, 5)`` design), ``federation.num_cpus=1`` so Ray runs two sites at a time
+on this machine's 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+import numpy as np
+
+ROWS, FEATURES, TRUE_K, K_INIT = 1000, 50, 6, 20
+PHASES = ("local", "merge", "refine", "labels")
+
+
+def theta_of(seed: int = 0) -> np.ndarray:
+    """``(TRUE_K, FEATURES)`` cluster profiles, ``theta ~ Beta(1, 1)``."""
+    return np.random.default_rng([seed, 0]).beta(1.0, 1.0, size=(TRUE_K, FEATURES))
+
+
+def make_site(b: int, rows: int, theta: np.ndarray, seed: int = 0):
+    """Site ``b``'s ``(rows, D)`` int8 table and true clusters (its own seeded stream)."""
+    rng = np.random.default_rng([seed, 1, b])
+    z = rng.integers(0, len(theta), size=rows)
+    return (rng.random((rows, theta.shape[1])) < theta[z]).astype(np.int8), z
+
+
+class PhaseClock:
+    """Wall time per phase, by wrapping the functions ``fedvi.federated`` calls for it."""
+
+    WRAP = {
+        "fit_site": "local",
+        "global_merge": "merge",
+        "release_refinement": "refine",
+        "combine_refinement": "refine",
+        "label_rows": "labels",
+        "map_labels": "labels",
+        "release_label_counts": "labels",
+    }
+
+    def __init__(self):
+        F = importlib.import_module("fedvi.federated")
+
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        self.cpu = dict.fromkeys(PHASES, 0.0)
+        for name, phase in self.WRAP.items():
+            setattr(F, name, self._timed(getattr(F, name), phase))
+
+    def _timed(self, fn, phase):
+        def wrapped(*args, **kwargs):
+            t, c = time.perf_counter(), time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[phase] += time.perf_counter() - t
+                self.cpu[phase] += time.process_time() - c
+
+        return wrapped
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def run_in_process(n_sites: int, refine: bool, rows: int = ROWS) -> dict:
+    """One federation of ``n_sites`` sites (in this process); its figures."""
+    import fedvi
+    from fedvi.metrics import adjusted_rand_index
+
+    theta = theta_of()
+    sites, truth = zip(*(make_site(b, rows, theta) for b in range(n_sites)), strict=True)
+    clock = PhaseClock()
+    kw = {} if refine else {"refine_rounds": 0}
+    t, c = time.perf_counter(), time.process_time()
+    res = fedvi.federated_fit(list(sites), "bernoulli", n_components=K_INIT, seed=0, **kw)
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    up = [sum(r.uplink_bytes.values()) for r in res.sites.values()]
+    rounds = len(res.elbo_history) - 2
+    post = res.posterior.nbytes()
+    down = [(rounds + 1) * post + r.mapping.nbytes for r in res.sites.values()]
+    return {
+        "sites": n_sites,
+        "rows": n_sites * rows,
+        "refine_rounds": rounds,
+        "wall": wall,
+        **clock.seconds,
+        "cpu": cpu,
+        **{f"cpu_{k}": v for k, v in clock.cpu.items()},
+        "peak_mib": peak_rss_mib(),
+        "up_per_site": float(np.mean(up)),
+        "down_per_site": float(np.mean(down)),
+        "pooled_clusters": int(sum(s.n_clusters for s in res.site_summaries)),
+        "K": res.n_clusters,
+        "ari": adjusted_rand_index(np.concatenate(truth), np.concatenate(res.labels)),
+    }
+
+
+def paper_estimate(n_sites: int = 6500, rows: int = 10_000) -> dict:
+    """The 6,500-practice estimate (module docstring)."""
+    from fedvi.federated import combine_refinement, fixed_contribution
+    from fedvi.global_merge import global_merge
+
+    one = run_in_process(1, refine=True, rows=rows)
+    theta = theta_of()
+    X, _ = make_site(0, rows, theta)
+    import fedvi
+
+    like = fedvi.federated_fit([X], "bernoulli", n_components=K_INIT, refine_rounds=0)
+    like = like.site_summaries[0]
+    rng = np.random.default_rng(7)
+    sites = []
+    for _ in range(n_sites):
+        n = rng.multinomial(rows, np.full(TRUE_K, 1.0 / TRUE_K)).astype(float)
+        S = rng.binomial(n.astype(int)[:, None], theta).astype(float)
+        sites.append(
+            replace(
+                like,
+                counts=n,
+                sums=S,
+                entropy=np.zeros(TRUE_K),
+                column_totals=S.sum(axis=0),
+                n_rows=rows,
+            )
+        )
+    t, c = time.perf_counter(), time.process_time()
+    merged = global_merge(sites)
+    merge_s, merge_cpu = time.perf_counter() - t, time.process_time() - c
+    G = merged.n_clusters
+    stats = [fixed_contribution(s, m, G) for s, m in zip(sites, merged.mapping, strict=True)]
+    t = time.perf_counter()
+    combine_refinement(merged.posterior, stats)
+    round_s = time.perf_counter() - t
+    r = one["refine_rounds"]
+    site_s = one["local"] + one["refine"] + one["labels"]
+    return {
+        "sites": n_sites,
+        "rows_per_site": rows,
+        "site_local_s": one["local"],
+        "site_refine_s": one["refine"],
+        "site_labels_s": one["labels"],
+        "server_merge_s": merge_s,
+        "server_merge_cpu_s": merge_cpu,
+        "server_refine_round_s": round_s,
+        "refine_rounds": r,
+        "K": G,
+        "wall_estimate_s": site_s + merge_s + r * round_s,
+        "up_per_site": one["up_per_site"],
+        "down_per_site": one["down_per_site"],
+        "server_bytes_in": one["up_per_site"] * n_sites,
+    }
+
+
+def run_flower(n_sites: int, timeout: float, round_timeout: float | None = None) -> dict:
+    """One Flower simulation (``python -m simulations.run``) of ``n_sites`` SuperNodes.
+    ``round_timeout``: seconds a site has per round (pre-flight included); ``None`` keeps the
+    strategy's defaults (derived from the data size and the CPU slots)."""
+    out = tempfile.mkdtemp(prefix=f"bench_sites_{n_sites}_")
+    cmd = [
+        sys.executable,
+        "-m",
+        "simulations.run",
+        f"data.n_rows={n_sites * ROWS}",
+        f"data.n_clusters={TRUE_K}",
+        f"data.n_features={FEATURES}",
+        "data.weights=null",
+        f"federation.sites={n_sites}",
+        "federation.split=iid",
+        "federation.num_cpus=1",
+        f"model.n_components={K_INIT}",
+        "plots=false",
+        f"hydra.run.dir={out}",
+    ]
+    if round_timeout is not None:
+        cmd += [
+            f"strategy.round_timeout={round_timeout}",
+            f"strategy.preflight_timeout={round_timeout}",
+        ]
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-2000:]
+    except subprocess.TimeoutExpired as exc:
+        rc, tail = "timeout", str(exc.stderr or "")[-2000:]
+    wall = time.perf_counter() - t
+    row = {"sites": n_sites, "wall": wall, "per_site": wall / n_sites, "rc": rc, "dir": out}
+    path = os.path.join(out, "results.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            res = json.load(f)
+        row.update({k: res.get(k) for k in ("n_clusters", "ari", "status")})
+        row["simulation_s"] = (res.get("wall_clock") or {}).get("simulation")
+    if rc != 0:
+        row["tail"] = tail
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown: wall time, then CPU seconds of the process per phase (robust on a shared
+    machine), total CPU over the local fits' CPU, memory, bytes, K and ARI."""
+    head = (
+        "| sites | rows | refine rounds | wall s | CPU s | local | merge | refine | labels | "
+        "CPU / local | peak MiB | up B/site | down B/site | pooled clusters | K | ARI |"
+    )
+    lines = [head, "|" + "---|" * 16]
+    for r in rows:
+        lines.append(
+            f"| {r['sites']:,} | {r['rows']:,} | {r['refine_rounds']} | {r['wall']:.1f} | "
+            f"{r['cpu']:.1f} | {r['cpu_local']:.1f} | {r['cpu_merge']:.2f} | "
+            f"{r['cpu_refine']:.1f} | {r['cpu_labels']:.1f} | {r['cpu'] / r['cpu_local']:.2f} | "
+            f"{r['peak_mib']:.0f} | {r['up_per_site']:,.0f} | {r['down_per_site']:,.0f} | "
+            f"{r['pooled_clusters']:,} | {r['K']} | {r['ari']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def figure(rows: list[dict], flower: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in flower if r.get("rc") == 0]
+    fig, axes = plt.subplots(1, 2 if ok else 1, figsize=(11 if ok else 6.5, 4.2), squeeze=False)
+    ax = axes[0, 0]
+    for refine, style in ((0, "o-"), (1, "s--")):
+        sel = [r for r in rows if (r["refine_rounds"] > 0) == bool(refine)]
+        if sel:
+            n = [r["sites"] for r in sel]
+            label = "one-shot" if not refine else "with refinement"
+            ax.plot(n, [r["cpu"] for r in sel], style, label=f"{label}: total")
+            if not refine:
+                ax.plot(n, [r["cpu_local"] for r in sel], ":", label="local fits (sum)")
+                ax.plot(n, [max(r["cpu_merge"], 1e-3) for r in sel], "x-", label="global merge")
+    ax.set_title("in-process, CPU seconds", fontsize=10)
+    ax.set_ylabel("seconds")
+    if ok:
+        fx = axes[0, 1]
+        n = [r["sites"] for r in ok]
+        fx.plot(n, [r["wall"] for r in ok], "^-", label="whole run")
+        fx.plot(n, [r["per_site"] for r in ok], "v:", label="per site")
+        fx.set_title("Flower simulation (Ray, 2 sites at a time), wall", fontsize=10)
+    for x in axes[0]:
+        x.set_xscale("log")
+        x.set_yscale("log")
+        x.set_xlabel("sites (1,000 rows each)")
+        x.legend(fontsize=8)
+        x.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sites", default="10,100,500,1000,5000")
+    p.add_argument("--refine", choices=("both", "0", "default"), default="both")
+    p.add_argument("--flower", action="store_true", help="also the Flower simulation")
+    p.add_argument("--flower-sites", default="10,100,1000")
+    p.add_argument("--flower-timeout", type=float, default=3600.0, help="seconds per run")
+    p.add_argument(
+        "--round-timeout",
+        type=float,
+        default=None,
+        help="seconds a site has per round in the simulation (default: the strategy's own)",
+    )
+    p.add_argument("--no-paper", action="store_true", help="skip the 6,500-practice estimate")
+    p.add_argument("--figure", default=None, help="write the figure here (PNG)")
+    p.add_argument("--json", default=None, help="write every figure here")
+    p.add_argument(
+        "--from-json",
+        default=None,
+        help="comma-separated --json files of earlier runs: print their table, draw the figure",
+    )
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.from_json:
+        rows, flower = [], []
+        for path in a.from_json.split(","):
+            with open(path) as f:
+                saved = json.load(f)
+            rows += [r for r in saved["in_process"] if "cpu" in r]  # runs with CPU times
+            flower += saved.get("flower") or []
+        rows.sort(key=lambda r: (r["refine_rounds"] > 0, r["sites"]))
+        print(table(rows))
+        if a.figure:
+            figure(rows, sorted(flower, key=lambda r: r["sites"]), a.figure)
+        return
+    if a.worker:  # one configuration in this process: print its figures
+        kind, n, refine = a.worker.split(":")
+        out = paper_estimate() if kind == "paper" else run_in_process(int(n), refine == "1")
+        print("RESULT " + json.dumps(out))
+        return
+    refines = {"both": (0, 1), "0": (0,), "default": (1,)}[a.refine]
+    rows = []
+    for n in [int(x) for x in a.sites.split(",")]:
+        for refine in refines:
+            rows.append(_child(f"sites:{n}:{refine}"))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print("\nIn-process, one process per size (CPU seconds of that process per phase)")
+    print(table(rows))
+    one = sorted((r for r in rows if r["refine_rounds"] == 0), key=lambda r: r["sites"])
+    for a_, b_ in zip(one, one[1:], strict=False):
+        print(
+            f"{a_['sites']} -> {b_['sites']} sites (x{b_['sites'] / a_['sites']:.0f}): CPU "
+            f"x{b_['cpu'] / a_['cpu']:.1f}, merge CPU "
+            f"x{b_['cpu_merge'] / max(a_['cpu_merge'], 1e-9):.1f}, "
+            f"wall x{b_['wall'] / a_['wall']:.1f}"
+        )
+    paper = None if a.no_paper else _child("paper:0:1")
+    if paper:
+        print("\nPaper estimate: 6,500 practices of 10,000 patients (sites in parallel)")
+        print(json.dumps(paper, indent=1))
+    flower = []
+    if a.flower:
+        for n in [int(x) for x in a.flower_sites.split(",")]:
+            flower.append(run_flower(n, a.flower_timeout, a.round_timeout))
+            r = flower[-1]
+            print(
+                f"Flower simulation, {n} SuperNodes: rc {r['rc']}, {r['wall']:.0f} s "
+                f"({r['per_site']:.2f} s per site), K {r.get('n_clusters')}, ARI {r.get('ari')}"
+                + (f"\n{r['tail']}" if r["rc"] != 0 else ""),
+                flush=True,
+            )
+    if a.figure:
+        figure(rows, flower, a.figure)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"in_process": rows, "paper": paper, "flower": flower}, f, indent=1)
+
+
+def _child(worker: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", worker], capture_output=True, text=True
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise RuntimeError(f"{worker} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+
+
+if __name__ == "__main__":
+    main()
