@@ -19,7 +19,6 @@ from flwr.server.client_proxy import ClientProxy
 
 from fedvi.protocol import K_SITE
 
-
 #: Seconds a node has to say its partition id while the server waits for sites.
 PROBE_SECONDS = 10.0
 #: Nodes asked at once.
