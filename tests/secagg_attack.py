@@ -122,9 +122,7 @@ def main(argv=None) -> int:
         paths.append(tmp / f"site{b}.npy")
         np.save(paths[-1], sim.X[rows])
     extra = parse_config_args([args.node_config]) if args.node_config else {}
-    policy = dataclasses.replace(
-        SitePolicy.from_node_config(extra), allow_server_paths=True
-    )
+    policy = dataclasses.replace(SitePolicy.from_node_config(extra), allow_server_paths=True)
     strategy = hostile_strategy(FedMerDel, args.attack)(
         fedvi.MixtureSpec(n_components=8),
         FitOptions(),
@@ -151,7 +149,11 @@ def main(argv=None) -> int:
         num_supernodes=args.sites,
         backend_config={
             "client_resources": {"num_cpus": 1.0, "num_gpus": 0.0},
-            "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False, "log_to_driver": False},
+            "init_args": {
+                "num_cpus": os.cpu_count() or 1,
+                "include_dashboard": False,
+                "log_to_driver": False,
+            },
         },
     )
     out = {
