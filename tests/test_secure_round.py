@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from flwr.common.secure_aggregation.secaggplus_constants import Key
 
 from fedvi.flower.secure_round import check_stage, check_threshold, request_hash
