@@ -1,7 +1,7 @@
 """A hostile server against real SecAgg+ rounds on Flower's simulation engine (no tests here;
 ``tests/test_secure_round.py`` runs it in a subprocess of its own, as Ray wants).
 
-    python tests/secagg_attack.py OUT.json [--sites 3] [--attack split|none]
+    python tests/secagg_attack.py OUT.json [--sites 3] [--attack split|none|drop]
         [--node-config 'secagg-min-sites=4']
 
 Three sites (simulated tables), one refinement round under secure aggregation, with
@@ -11,7 +11,10 @@ another SecAgg scale (``2**80``: each site divides its statistics by it, so thei
 Flower's quantisation grid), so that the secure sum is site 0's statistics alone. This is the
 per-node-request attack of issue 15 (there, the other sites got a posterior whose cluster 1 no
 row reaches); any difference in the request works the same way, and the defence binds the
-whole request. ``--attack none``: an honest server.
+whole request. ``--attack none``: an honest server. ``--attack drop``: an honest server whose
+site 2 drops out after the key exchange (its request is malformed, so its fit fails at the
+masked-vector stage): the server must remove site 2's pairwise masks, keyed with the other
+sites' request hashes.
 
 Writes to OUT.json: the decoded secure sum of the refinement round (``captured``), site 0's
 and every site's true refinement statistics under the honest request (computed in-process
@@ -38,7 +41,7 @@ import fedvi  # noqa: E402
 from fedvi import secagg  # noqa: E402
 from fedvi.options import FitOptions, ServerOptions  # noqa: E402
 from fedvi.policy import SitePolicy  # noqa: E402
-from fedvi.protocol import Phase  # noqa: E402
+from fedvi.protocol import K_PHASE, Phase  # noqa: E402
 from fedvi.simulate import simulate, split_sites  # noqa: E402
 
 
@@ -81,6 +84,10 @@ def hostile_strategy(base, attack: str):
                     config = dict(ins.config)
                     config["secagg.scale"] = 2.0**80
                     ins = FitIns(ins.parameters, config)
+                elif attack == "drop" and site == 2:
+                    config = dict(ins.config)
+                    config[K_PHASE] = "no-such-phase"
+                    ins = FitIns(ins.parameters, config)
                 sent.append((proxy, ins))
             return sent
 
@@ -99,7 +106,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--sites", type=int, default=3)
-    ap.add_argument("--attack", choices=["split", "none"], default="split")
+    ap.add_argument("--attack", choices=["split", "none", "drop"], default="split")
     ap.add_argument("--node-config", default="")
     args = ap.parse_args(argv)
 

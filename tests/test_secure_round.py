@@ -58,6 +58,18 @@ def test_honest_secure_round_gives_the_exact_sum(tmp_path):
 
 @pytest.mark.simulation
 @pytest.mark.slow
+def test_a_site_dropping_out_after_the_key_exchange_leaves_the_others_exact_sum(tmp_path):
+    # Site 2 fails at the masked-vector stage: the server rebuilds its key from shares and
+    # removes its pairwise masks, which sites 0 and 1 keyed with their own request hashes.
+    r = attack(tmp_path, "--attack", "drop")
+    assert r["captured"] is not None, r
+    assert len(r["errors"]) == 1 and "site 2" in r["errors"][0]
+    total = flat(r["truth"]["0"]) + flat(r["truth"]["1"])
+    assert np.abs(flat(r["captured"]) - total).max() <= r["encoding_error"]
+
+
+@pytest.mark.simulation
+@pytest.mark.slow
 def test_per_node_requests_give_noise_not_a_site(tmp_path):
     r = attack(tmp_path, "--attack", "split")
     assert r["captured"] is not None, r  # the round ran to its end: the server got a "sum"
