@@ -11,6 +11,9 @@ and applies before Flower's own unmasking removes the unbound masks.
 
 from __future__ import annotations
 
+from logging import WARNING
+
+from flwr.common.logger import log
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.common.secure_aggregation.ndarrays_arithmetic import parameters_mod
@@ -19,6 +22,25 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from fedvi.flower.secure_round import content_hash, rekey_correction
+
+
+class _ReportingGrid:
+    """The Grid of every stage: logs each node's error reply (a site's refusal names its rule,
+    e.g. ``secagg-min-sites``), which Flower's workflow keeps to itself when it halts."""
+
+    def __init__(self, grid):
+        self.grid = grid
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        for m in replies:
+            if m.has_error():
+                reason = str(m.error.reason).splitlines()[-1][-400:]
+                log(WARNING, "secure aggregation: node %s: %s", m.metadata.src_node_id, reason)
+        return replies
 
 
 class _RekeyingGrid:
@@ -58,7 +80,11 @@ class _RekeyingGrid:
 
 
 class BoundSecAggPlusWorkflow(SecAggPlusWorkflow):
-    """``SecAggPlusWorkflow`` for request-bound pairwise masks (see the module docstring)."""
+    """``SecAggPlusWorkflow`` for request-bound pairwise masks (see the module docstring); the
+    nodes' error replies are logged."""
+
+    def __call__(self, grid, context) -> None:
+        super().__call__(_ReportingGrid(grid), context)
 
     def collect_masked_vectors_stage(self, grid, context, state) -> bool:
         self._hashes = {nid: content_hash(rd) for nid, rd in state.nid_to_fitins.items()}
