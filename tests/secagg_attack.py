@@ -1,7 +1,7 @@
 """A hostile server against real SecAgg+ rounds on Flower's simulation engine (no tests here;
 ``tests/test_secure_round.py`` runs it in a subprocess of its own, as Ray wants).
 
-    python tests/secagg_attack.py OUT.json [--sites 3] [--attack split|none|drop]
+    python tests/secagg_attack.py OUT.json [--sites 3] [--attack split|posterior|none|drop]
         [--node-config 'secagg-min-sites=4']
 
 Three sites (simulated tables), one refinement round under secure aggregation, with
@@ -11,10 +11,12 @@ another SecAgg scale (``2**80``: each site divides its statistics by it, so thei
 Flower's quantisation grid), so that the secure sum is site 0's statistics alone. This is the
 per-node-request attack of issue 15 (there, the other sites got a posterior whose cluster 1 no
 row reaches); any difference in the request works the same way, and the defence binds the
-whole request. ``--attack none``: an honest server. ``--attack drop``: an honest server whose
-site 2 drops out after the key exchange (its request is malformed, so its fit fails at the
-masked-vector stage): the server must remove site 2's pairwise masks, keyed with the other
-sites' request hashes.
+whole request. ``--attack posterior``: the other sites get a posterior whose cluster 0
+outweighs the others a billion times, so all their rows go to cluster 0 and the sum's other
+clusters are site 0's statistics. ``--attack none``: an honest server. ``--attack drop``: an
+honest server whose site 2 drops out after the key exchange (its request is malformed, so its
+fit fails at the masked-vector stage): the server must remove site 2's pairwise masks, keyed
+with the other sites' request hashes.
 
 Writes to OUT.json: the decoded secure sum of the refinement round (``captured``), site 0's
 and every site's true refinement statistics under the honest request (computed in-process
@@ -41,7 +43,7 @@ import fedvi  # noqa: E402
 from fedvi import secagg  # noqa: E402
 from fedvi.options import FitOptions, ServerOptions  # noqa: E402
 from fedvi.policy import SitePolicy  # noqa: E402
-from fedvi.protocol import K_PHASE, Phase  # noqa: E402
+from fedvi.protocol import K_PHASE, Phase, encode_request  # noqa: E402
 from fedvi.simulate import simulate, split_sites  # noqa: E402
 
 
@@ -84,12 +86,38 @@ def hostile_strategy(base, attack: str):
                     config = dict(ins.config)
                     config["secagg.scale"] = 2.0**80
                     ins = FitIns(ins.parameters, config)
+                elif attack == "posterior" and site != 0:
+                    ins = self.crafted_request()
                 elif attack == "drop" and site == 2:
                     config = dict(ins.config)
                     config[K_PHASE] = "no-such-phase"
                     ins = FitIns(ins.parameters, config)
                 sent.append((proxy, ins))
             return sent
+
+        def crafted_request(self):
+            """The refinement request with a posterior whose cluster 0 outweighs the others
+            a billion times: every row of a site that gets it goes to cluster 0, so its
+            statistics of the other clusters are zeros."""
+            from flwr.common import ndarrays_to_parameters
+
+            post = self.posterior
+            counts, sums = post.counts.copy(), post.sums.copy()
+            counts[0] *= 1e9
+            sums[0] *= 1e9
+            crafted = dataclasses.replace(post, counts=counts, sums=sums)
+            arrays, config = encode_request(
+                Phase.REFINE,
+                self.agreed_spec or self.spec,
+                self.fit,
+                self.server,
+                self.seed,
+                posterior=crafted,
+                sim_paths=self.sim_paths,
+                secagg_scale=self.secagg_scale(),
+                variable_order=self.variable_order,
+            )
+            return FitIns(ndarrays_to_parameters(arrays), config)
 
         def aggregate_fit(self, server_round, results, failures):
             if self.phase(server_round) is Phase.REFINE and results and self.captured is None:
@@ -106,7 +134,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--sites", type=int, default=3)
-    ap.add_argument("--attack", choices=["split", "none", "drop"], default="split")
+    ap.add_argument("--attack", choices=["split", "posterior", "none", "drop"], default="split")
     ap.add_argument("--node-config", default="")
     args = ap.parse_args(argv)
 
