@@ -5,7 +5,7 @@ request they received. Without dropouts the stock workflow sums exactly (the mas
 pair of active nodes cancel when the requests agree). When a node drops out after the key
 exchange, the server removes that node's pairwise masks with the active nodes from its
 rebuilt key; those masks were keyed with each *active* node's request hash, which this
-workflow remembers from the requests it sent (:func:`fedvi.flower.secure_round.content_hash`)
+workflow remembers from the requests it sent (:func:`fedvi.request_binding.request_hash`)
 and applies before Flower's own unmasking removes the unbound masks.
 """
 
@@ -13,15 +13,24 @@ from __future__ import annotations
 
 from logging import WARNING
 
+import flwr.compat.common.recorddict_compat as compat
+from flwr.common import parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.common.secure_aggregation.ndarrays_arithmetic import parameters_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-from fedvi.flower.secure_round import content_hash, rekey_correction
+from fedvi.request_binding import rekey_correction, request_hash
+
+
+def _sent_hash(content) -> bytes:
+    """The request hash of the FitIns the server sends a node (as the node computes it)."""
+    fitins = compat.recorddict_to_fitins(content, keep_input=True)
+    return request_hash(parameters_to_ndarrays(fitins.parameters), fitins.config)
 
 
 class _ReportingGrid:
@@ -73,7 +82,9 @@ class _RekeyingGrid:
                     sk1, bytes_to_public_key(state.nid_to_publickeys[other][0])
                 )
                 sign = 1 if nid > other else -1
-                fix = rekey_correction(secret, self.hashes[other], state.mod_range, shapes)
+                fix = rekey_correction(
+                    pseudo_rand_gen, secret, self.hashes[other], state.mod_range, shapes
+                )
                 vector = [v + sign * c for v, c in zip(vector, fix, strict=True)]
         state.aggregate_ndarrays = parameters_mod(vector, state.mod_range)
         return replies
@@ -87,7 +98,7 @@ class BoundSecAggPlusWorkflow(SecAggPlusWorkflow):
         super().__call__(_ReportingGrid(grid), context)
 
     def collect_masked_vectors_stage(self, grid, context, state) -> bool:
-        self._hashes = {nid: content_hash(rd) for nid, rd in state.nid_to_fitins.items()}
+        self._hashes = {nid: _sent_hash(rd) for nid, rd in state.nid_to_fitins.items()}
         return super().collect_masked_vectors_stage(grid, context, state)
 
     def unmask_stage(self, grid, context, state) -> bool:

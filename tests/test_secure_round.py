@@ -21,8 +21,9 @@ import numpy as np
 import pytest
 from flwr.common.secure_aggregation.secaggplus_constants import Key
 
-from fedvi.flower.secure_round import check_stage, check_threshold, request_hash
+from fedvi.flower.secure_round import check_stage, check_threshold
 from fedvi.policy import PolicyRefusal, SitePolicy
+from fedvi.request_binding import request_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -51,10 +51,6 @@ the one part of a request that differs between honest sites).
 
 from __future__ import annotations
 
-import hashlib
-import struct
-from collections.abc import Mapping, Sequence
-
 import flwr.compat.common.recorddict_compat as compat
 import numpy as np
 from flwr.app import RecordDict
@@ -70,84 +66,15 @@ from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from fedvi.policy import PolicyRefusal, SitePolicy
-from fedvi.protocol import K_SECAGG
-
-#: Domain separation of the bound pairwise key.
-BIND_TAG = b"fedvi/secagg+/request-bound-mask/v1"
-#: Config key of the per-site local-to-global map (map labelling): not bound, see above.
-_PER_SITE_MAP = "label.mapping"
+from fedvi.request_binding import rekey_correction, request_hash
 
 
-# --- the request hash ------------------------------------------------------------------------
-def _feed(h, value) -> None:
-    """Type-tagged, length-prefixed bytes of a config value (no two values share bytes)."""
-    if isinstance(value, bool):
-        h.update(b"?" + (b"1" if value else b"0"))
-    elif isinstance(value, int):
-        data = str(value).encode()
-        h.update(b"i" + struct.pack("<Q", len(data)) + data)
-    elif isinstance(value, float):
-        h.update(b"f" + struct.pack("<d", value))
-    elif isinstance(value, str):
-        data = value.encode("utf-8")
-        h.update(b"s" + struct.pack("<Q", len(data)) + data)
-    elif isinstance(value, bytes):
-        h.update(b"y" + struct.pack("<Q", len(value)) + value)
-    elif isinstance(value, (list, tuple)):
-        h.update(b"l" + struct.pack("<Q", len(value)))
-        for v in value:
-            _feed(h, v)
-    else:
-        raise TypeError(f"config value of type {type(value).__name__} cannot be hashed")
-
-
-def request_hash(arrays: Sequence[np.ndarray], config: Mapping[str, object]) -> bytes:
-    """sha256 of a round's request (FitIns arrays and config), 32 bytes.
-
-    Arrays count by dtype, shape and values; config entries by key, type and value (sorted by
-    key). Left out: the site's own secure-round mark (``fedvi.secagg``, which the site sets
-    itself) and the per-site local-to-global map of map labelling (its array and flag).
-    """
-    config = {k: v for k, v in config.items() if k != K_SECAGG}
-    arrays = list(arrays)
-    if config.pop(_PER_SITE_MAP, False) and arrays:
-        arrays = arrays[:-1]
-    h = hashlib.sha256(b"fedvi-request/v1")
-    h.update(struct.pack("<Q", len(arrays)))
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        _feed(h, a.dtype.str)
-        _feed(h, list(a.shape))
-        data = a.tobytes()
-        h.update(struct.pack("<Q", len(data)) + data)
-    h.update(struct.pack("<Q", len(config)))
-    for key in sorted(config):
-        _feed(h, key)
-        _feed(h, config[key])
-    return h.digest()
-
-
+# --- the request a node received -------------------------------------------------------------
 def content_hash(content: RecordDict) -> bytes:
     """:func:`request_hash` of the FitIns in a message's content (what a node received, or
     what the server sends it)."""
     fitins = compat.recorddict_to_fitins(content, keep_input=True)
     return request_hash(parameters_to_ndarrays(fitins.parameters), fitins.config)
-
-
-# --- re-keying the pairwise masks ------------------------------------------------------------
-def bound_key(shared_key: bytes, req_hash: bytes) -> bytes:
-    """The pairwise mask seed of a node that received the request hashed ``req_hash``."""
-    return hashlib.sha256(BIND_TAG + shared_key + req_hash).digest()
-
-
-def rekey_correction(
-    shared_key: bytes, req_hash: bytes, mod_range: int, shapes: list[tuple[int, ...]]
-) -> list[np.ndarray]:
-    """``PRG(bound key) - PRG(shared_key)`` per array (int64): added with the pairwise mask's
-    sign, it turns Flower's pairwise mask into the request-bound one."""
-    new = pseudo_rand_gen(bound_key(shared_key, req_hash), mod_range, shapes)
-    old = pseudo_rand_gen(shared_key, mod_range, shapes)
-    return [a - b for a, b in zip(new, old, strict=True)]
 
 
 def _rekey_masked_vector(state_record, configs, out_configs, req_hash: bytes) -> None:
@@ -161,7 +88,7 @@ def _rekey_masked_vector(state_record, configs, out_configs, req_hash: bytes) ->
     for src in configs[Key.SOURCE_LIST]:  # the nodes whose pairwise masks Flower added
         secret = generate_shared_key(sk1, bytes_to_public_key(state.public_keys_dict[src][0]))
         sign = 1 if state.nid > src else -1
-        fix = rekey_correction(secret, req_hash, state.mod_range, shapes)
+        fix = rekey_correction(pseudo_rand_gen, secret, req_hash, state.mod_range, shapes)
         masked = [a + sign * c for a, c in zip(masked, fix, strict=True)]
     out_configs[Key.MASKED_PARAMETERS] = [
         ndarray_to_bytes(np.mod(a, state.mod_range)) for a in masked
