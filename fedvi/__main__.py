@@ -2,11 +2,16 @@
 
     python -m fedvi label --model model.npz --data new.csv --out labels.csv
     python -m fedvi demo --sites 5 --rows 10000
+    python -m fedvi app-hash path/to/fedvi-app
+    python -m fedvi site --app-sha256 <hash> --superlink host:port --port 9094 --node-config ...
 
 ``label`` runs on the site, on its own rows only: it reads the model file (the global
 posterior, no data), validates the table against the model's schema (columns matched by name
 where the file has a header) and writes each row's global cluster. ``demo`` (the default)
-clusters a built-in simulated study over several sites in one process.
+clusters a built-in simulated study over several sites in one process. ``app-hash`` prints the
+sha256 of the Flower app bundle built from an app folder (what ``flwr run`` ships); ``site``
+runs the site's SuperNode so that it runs only the app with that hash (docs/app-pin.md; every
+option after ``--app-sha256`` goes to ``flower-supernode``).
 """
 
 from __future__ import annotations
@@ -94,6 +99,30 @@ def demo(args) -> int:
     return 0
 
 
+def app_hash(args) -> int:
+    from fedvi.flower.app_pin import app_hash as fab_hash
+
+    try:
+        print(fab_hash(args.folder))
+    except (OSError, ValueError) as exc:
+        print(f"fedvi app-hash: {args.folder}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def site(argv: list[str]) -> int:
+    from fedvi.flower.app_pin import run_site
+
+    p = argparse.ArgumentParser(
+        prog="python -m fedvi site",
+        description="Run flower-supernode --isolation process and start each ClientApp with "
+        "this site's app pin; the other options go to flower-supernode.",
+    )
+    p.add_argument("--app-sha256", required=True, help="sha256 of the app this site runs")
+    args, supernode_args = p.parse_known_args(argv)
+    return run_site(args.app_sha256, supernode_args)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fedvi", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command")
@@ -118,10 +147,22 @@ def main(argv=None) -> int:
     dem.add_argument("--split", default="dirichlet", choices=["iid", "dirichlet", "exclusive"])
     dem.add_argument("--seed", type=int, default=0)
     dem.add_argument("--save", default=None, help="write the fitted model to this file")
+    ah = sub.add_parser("app-hash", help="sha256 of the Flower app bundle of an app folder")
+    ah.add_argument("folder", nargs="?", default=".", help="the app folder (default: .)")
+    sub.add_parser(
+        "site",
+        help="run this site's SuperNode pinned to one app: --app-sha256 <hash> plus "
+        "flower-supernode's own options",
+        add_help=False,
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "site":
+        return site(argv[1:])
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["demo", *argv]
     args = p.parse_args(argv)
+    if args.command == "app-hash":
+        return app_hash(args)
     return label(args) if args.command == "label" else demo(args)
 
 

@@ -65,6 +65,19 @@ class SitePolicy:
         "answer refinement and label rounds only under secure aggregation (SecAgg+)",
         Boolean(),
     )
+    secagg_min_sites: int = setting(
+        2,
+        "fewest sites this site's vector is securely summed with: it refuses a SecAgg+ round "
+        "with fewer participants (key exchange, masked vectors or unmasking)",
+        Interval(int, 2),
+    )
+    secagg_min_threshold: float = setting(
+        0.5,
+        "smallest SecAgg+ reconstruction threshold this site accepts, as a fraction of the "
+        "round's participants; a strict majority is always required, so that no node can be "
+        "unmasked from shares",
+        Interval(float, 0.5, 1.0),
+    )
     dp_epsilon: float | None = setting(
         None,
         "this site adds Gaussian noise to its aggregate-round releases so that they are "
@@ -133,6 +146,8 @@ class SitePolicy:
             "allow_refine": self.allow_refine,
             "allow_labels": self.allow_labels,
             "require_secure_aggregation": self.require_secure_aggregation,
+            "secagg_min_sites": self.secagg_min_sites,
+            "secagg_min_threshold": self.secagg_min_threshold,
             "dp_epsilon": self.dp_epsilon,
             "dp_delta": self.dp_delta,
         }

@@ -1,7 +1,8 @@
 """How each round is run on Flower's Grid: per-phase timeouts, SecAgg+ where sums suffice.
 
 :class:`PhaseFitWorkflow` is the ``fit_workflow`` of Flower's ``DefaultWorkflow``: it runs a
-round whose replies are only ever summed (refinement, labels) with ``SecAggPlusWorkflow`` when
+round whose replies are only ever summed (refinement, labels) with SecAgg+ (request-bound
+masks: :class:`strategies.secure_workflow.BoundSecAggPlusWorkflow`) when
 the strategy asks for secure aggregation, and every other round as Flower's default fit
 workflow does, but with the strategy's timeout for the phase, so that a site that hangs is
 named after that many seconds instead of blocking the run. :func:`run_strategy` runs a strategy
@@ -21,13 +22,14 @@ from flwr.common import Code, FitRes, Parameters, Status
 from flwr.common.logger import log
 from flwr.server import ServerConfig
 from flwr.server.compat.legacy_context import LegacyContext
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import DefaultWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
 from fedvi import secagg
 from fedvi.protocol import K_SECONDS, Phase
 from strategies.fedmerdel import FedMerDel
 from strategies.node_status import WatchedGrid, send_and_watch
+from strategies.secure_workflow import BoundSecAggPlusWorkflow
 
 
 def _current_round(context: LegacyContext) -> int:
@@ -146,7 +148,7 @@ class PhaseFitWorkflow:
             # The SecAgg+ stages call the Grid themselves: the watched Grid stops waiting for a
             # node the SuperLink lists as offline.
             watched = WatchedGrid(grid, plan.phase.value, self.strategy.node_site)
-            SecAggPlusWorkflow(
+            BoundSecAggPlusWorkflow(
                 num_shares=1.0,
                 reconstruction_threshold=0.67,
                 max_weight=secagg.MAX_WEIGHT,

@@ -89,6 +89,8 @@ VALUES = {
         "allow_refine": (False, "false"),
         "allow_labels": (False, "false"),
         "require_secure_aggregation": (True, "true"),
+        "secagg_min_sites": (3, "3"),
+        "secagg_min_threshold": (0.75, "0.75"),
         "dp_epsilon": (4.0, "4.0"),
         "dp_delta": (1e-7, "1e-7"),
         "data_path": ("/data/site.csv", "/data/site.csv"),

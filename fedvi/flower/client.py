@@ -39,6 +39,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from fedvi import secagg
 from fedvi.data import DataError
+from fedvi.flower.secure_round import secure_round_mod
 from fedvi.flower.site_log import (
     colour_only_on_a_terminal,
     log_failure,
@@ -227,24 +228,50 @@ class FedviClient(NumPyClient):
         return secagg.encode_limbs(arrays, req.secagg_scale)
 
 
-def secagg_mod(msg, ctxt, call_next):
-    """Route SecAgg+ messages to Flower's ``secaggplus_mod`` and plain rounds straight to the
-    client; mark (for the site's policy) whether the fit it runs is securely aggregated.
+def make_secagg_mod(policy_for=None, partition_offset: int = 0):
+    """The site's SecAgg+ mod (see :func:`secagg_mod`) under the policy that
+    :func:`make_client_fn` gives the site: ``policy_for(partition_id)`` or the node config's."""
 
-    The mark is set here, on the site, from the message's own SecAgg+ stage; a value sent by the
-    server under the same key is removed first.
-    """
-    if msg.metadata.message_type != MessageType.TRAIN:
-        return call_next(msg, ctxt)
-    fit_config = msg.content.config_records.get("fitins.config")
-    if fit_config is not None:
-        fit_config.pop(K_SECAGG, None)
-    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
-    if configs is None:
-        return call_next(msg, ctxt)
-    if configs.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS and fit_config is not None:
-        fit_config[K_SECAGG] = True
-    return secaggplus_mod(msg, ctxt, call_next)
+    def policy_of(ctxt) -> SitePolicy:
+        node_config = dict(ctxt.node_config)
+        if policy_for is not None:
+            return policy_for(int(node_config["partition-id"]) + partition_offset)
+        return SitePolicy.from_node_config(node_config)
+
+    def mod(msg, ctxt, call_next):
+        """Route SecAgg+ messages through the site's secure-round checks and Flower's
+        ``secaggplus_mod`` (:mod:`fedvi.flower.secure_round`), plain rounds straight to the
+        client; mark (for the site's policy) whether the fit it runs is securely aggregated.
+
+        The mark is set here, on the site, from the message's own SecAgg+ stage; a value sent
+        by the server under the same key is removed first.
+        """
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, ctxt)
+        fit_config = msg.content.config_records.get("fitins.config")
+        if fit_config is not None:
+            fit_config.pop(K_SECAGG, None)
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        if configs is None:
+            return call_next(msg, ctxt)
+        try:
+            policy = policy_of(ctxt)
+        except Exception as exc:  # the site's own configuration: details stay in its log
+            log(ERROR, "the node config is not valid", exc_info=exc)
+            raise SiteError(
+                site_error_message(
+                    None, "setup", "the site's node config is not valid; details are in its log"
+                )
+            ) from None
+        if configs.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS and fit_config is not None:
+            fit_config[K_SECAGG] = True
+        return secure_round_mod(policy, msg, ctxt, call_next, secaggplus_mod)
+
+    return mod
+
+
+#: The deployed site's SecAgg+ mod: its policy from the node config.
+secagg_mod = make_secagg_mod()
 
 
 def make_client_fn(policy_for=None, partition_offset: int = 0, rng_for=None):
@@ -281,10 +308,11 @@ def make_client_fn(policy_for=None, partition_offset: int = 0, rng_for=None):
 
 
 def make_client_app(policy_for=None, partition_offset: int = 0, rng_for=None) -> ClientApp:
-    """The site's ``ClientApp`` (see :func:`make_client_fn`), with :func:`secagg_mod`."""
+    """The site's ``ClientApp`` (see :func:`make_client_fn`), with its SecAgg+ mod
+    (:func:`make_secagg_mod`)."""
     return ClientApp(
         client_fn=make_client_fn(policy_for, partition_offset, rng_for),
-        mods=[site_errors_mod, secagg_mod],
+        mods=[site_errors_mod, make_secagg_mod(policy_for, partition_offset)],
     )
 
 
