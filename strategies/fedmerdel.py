@@ -14,12 +14,7 @@ from __future__ import annotations
 
 from logging import INFO, WARNING
 
-from flwr.common import (
-    FitIns,
-    Parameters,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
-)
+from flwr.common import FitIns, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.strategy import Strategy

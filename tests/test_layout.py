@@ -72,3 +72,14 @@ def test_the_core_fits_without_flower_or_hydra_installed():
     )
     assert proc.returncode == 0, proc.stderr
     assert len(proc.stdout.split()) == 2
+
+
+def test_the_flower_strategy_is_a_thin_adapter_of_the_coordinator():
+    """The run's rules live once, in fedvi.coordinator: the Flower strategy stays an adapter
+    (≤ 250 lines) that neither merges, refines nor labels by itself."""
+    path = ROOT / "strategies" / "fedmerdel.py"
+    assert len(path.read_text().splitlines()) <= 250
+    used = imports(path)
+    assert "fedvi.coordinator" in used
+    for rule in ("fedvi.global_merge", "fedvi.labels", "fedvi.elbo", "fedvi.refine_moves"):
+        assert rule not in used, rule
