@@ -129,3 +129,23 @@ def test_fit_predict_returns_the_training_labels():
 def test_cross_field_checks_raise_invalid_setting(make, message):
     with pytest.raises(InvalidSetting, match=message):
         make()
+
+
+# -- the README's core example ---------------------------------------------------------------
+def test_the_readmes_python_example_runs(tmp_path, monkeypatch):
+    """The front door's example, on small stand-ins for the tables it names."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) == 1
+    d = simulate(1200, 3, 20, seed=0)
+    parts = np.array_split(np.random.default_rng(0).permutation(1200), 4)
+    names = {
+        "X": d.X,
+        "X_new": d.X[:10],
+        "X_cat": simulate(600, 3, 10, likelihood="categorical", n_levels=3, seed=1).X,
+        **{f"X_site{i + 1}": d.X[p] for i, p in enumerate(parts)},
+    }
+    monkeypatch.chdir(tmp_path)
+    exec(compile(blocks[0], "README.md", "exec"), names)  # noqa: S102 - our own README
+    assert names["later"].model.site_ids == (0, 1, 2, 3)
+    assert (tmp_path / "model.npz").exists()
