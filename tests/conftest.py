@@ -14,9 +14,19 @@ Test tiers (markers declared in pyproject.toml):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
-import pytest
+# One BLAS/OpenMP thread per test process unless the caller chose otherwise: the tables here are
+# small, and on a shared 2-core machine two threads per process oversubscribe the cores (the
+# quick tier's test_backends.py + test_regression.py under load 11-13: 65 s with the default
+# threads, 18 s with one). Set before NumPy/torch are imported (they read these at import);
+# subprocesses (simulations, SuperNodes) inherit them. Results do not depend on it: the
+# regression pins (labels hashed, ELBO to 1e-9) hold either way.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
