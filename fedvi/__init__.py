@@ -21,6 +21,7 @@ side effects at the edges (the method is explained in docs/method.md):
   wire format shared with the server in ``strategies/``); nothing here imports Flower.
 """
 
+from fedvi._version import __version__
 from fedvi.coordinator import SiteFailureError
 from fedvi.data import DataError, EncodedData, encode
 from fedvi.elbo import elbo
@@ -67,5 +68,5 @@ __all__ = [
     "load_model",
     "map_labels",
     "refinement_stats",
+    "__version__",
 ]
-__version__ = "0.2.0"

@@ -1,8 +1,9 @@
 """``MixtureVI``: the single-site estimator (scikit-learn style).
 
 Its parameters are the fields of :class:`fedvi.MixtureSpec` and :class:`fedvi.FitOptions` plus
-``seed``; they are checked once, by those dataclasses, when ``fit`` is called. ``fit`` is
-:func:`fedvi.site.fit_site` with the single-site settings.
+``seed``, as keyword arguments (``likelihood`` may also come first, positionally) with the
+dataclasses' defaults; they are checked once, by those dataclasses, when ``fit`` is called.
+``fit`` is :func:`fedvi.site.fit_site` with the single-site settings.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -21,7 +23,7 @@ from fedvi.spec import MixtureSpec
 from fedvi.summaries import Summaries
 from fedvi.vi import labels_of
 
-#: The estimator's parameters: every model and fit setting, plus ``seed``.
+#: What the estimator's parameters must be: every model and fit setting, plus ``seed``.
 PARAMS = (*field_names(MixtureSpec), *field_names(FitOptions), "seed")
 
 
@@ -50,27 +52,54 @@ class MixtureVI:
     model_ : the fitted :class:`fedvi.FittedModel` (``save``, ``predict``).
     """
 
-    def __init__(self, likelihood: str = "bernoulli", **params):
-        unknown = sorted(set(params) - set(PARAMS))
-        if unknown:
-            raise TypeError(
-                f"MixtureVI got unknown parameter(s) {unknown}; allowed: {sorted(PARAMS)}"
-            )
-        self.likelihood = likelihood
-        defaults = {f.name: f.default for f in dataclasses.fields(MixtureSpec)}
-        defaults.update({f.name: f.default for f in dataclasses.fields(FitOptions)})
-        defaults["seed"] = 0
-        for name in PARAMS:
-            if name != "likelihood":
-                setattr(self, name, params.get(name, defaults[name]))
+    # Every default is the dataclass field's own (a dataclass keeps a field's default as the
+    # class attribute), so each is written once, in fedvi/spec.py or fedvi/options.py;
+    # tests/test_settings.py checks that this signature lists every field of both.
+    def __init__(
+        self,
+        likelihood: str = MixtureSpec.likelihood,
+        *,
+        n_components: int = MixtureSpec.n_components,
+        alpha0: float = MixtureSpec.alpha0,
+        beta: float | None = MixtureSpec.beta,
+        n_levels: Sequence[int] | int | None = MixtureSpec.n_levels,
+        variable_selection: bool = MixtureSpec.variable_selection,
+        relevance_prior: tuple[float, float] = MixtureSpec.relevance_prior,
+        relevance_update: str = MixtureSpec.relevance_update,
+        missing: str = MixtureSpec.missing,
+        feature_names: Sequence[str] | None = MixtureSpec.feature_names,
+        moves: str = FitOptions.moves,
+        move_every: int = FitOptions.move_every,
+        delete_iters: int = FitOptions.delete_iters,
+        delete_order: str = FitOptions.delete_order,
+        max_iter: int = FitOptions.max_iter,
+        tol: float = FitOptions.tol,
+        n_stable: int = FitOptions.n_stable,
+        empty_threshold: float = FitOptions.empty_threshold,
+        backend: str = FitOptions.backend,
+        device: str = FitOptions.device,
+        block_rows: int = FitOptions.block_rows,
+        precision: str = FitOptions.precision,
+        seed: int | None = 0,
+    ):
+        # scikit-learn's convention: store the parameters as given; fit() checks them (through
+        # MixtureSpec and FitOptions), so set_params(...) is checked the same way.
+        params = dict(locals())
+        del params["self"]
+        for name, value in params.items():
+            setattr(self, name, value)
 
     # -- scikit-learn conventions -------------------------------------------------------------
+    @classmethod
+    def _param_names(cls) -> tuple[str, ...]:
+        return tuple(p for p in inspect.signature(cls.__init__).parameters if p != "self")
+
     def get_params(self, deep: bool = True) -> dict:
-        return {name: getattr(self, name) for name in PARAMS}
+        return {name: getattr(self, name) for name in self._param_names()}
 
     def set_params(self, **params) -> MixtureVI:
         for name, value in params.items():
-            if name not in PARAMS:
+            if name not in self._param_names():
                 raise ValueError(f"MixtureVI has no parameter {name!r}")
             setattr(self, name, value)
         return self
@@ -106,6 +135,10 @@ class MixtureVI:
         self._options = options
         return self
 
+    def fit_predict(self, X, y=None, source: str | None = None) -> np.ndarray:
+        """Fit on ``X`` of shape ``(N, D)`` and return ``labels_``, ``(N,)``; ``y`` is ignored."""
+        return self.fit(X, source=source).labels_
+
     # -- using the fit ---------------------------------------------------------------------
     def _check_fitted(self) -> None:
         if not hasattr(self, "model_"):
@@ -132,18 +165,3 @@ class MixtureVI:
         """Write the fitted model to one file (see :func:`fedvi.load_model`)."""
         self._check_fitted()
         return self.model_.save(path)
-
-
-MixtureVI.__init__.__signature__ = inspect.Signature(
-    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-    + [
-        inspect.Parameter(
-            name,
-            inspect.Parameter.POSITIONAL_OR_KEYWORD
-            if name == "likelihood"
-            else inspect.Parameter.KEYWORD_ONLY,
-            default=MixtureVI().get_params()[name],
-        )
-        for name in PARAMS
-    ]
-)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedvi._version import __version__
 from fedvi.data import encode
 from fedvi.elbo import elbo
 from fedvi.labels import global_responsibilities
@@ -104,8 +105,6 @@ class FittedModel:
     # -- the file ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> str:
         """Write the model to ``path`` (``.npz`` is appended when missing); returns the path."""
-        from fedvi import __version__
-
         path = os.fspath(path)
         if not path.endswith(".npz"):
             path += ".npz"

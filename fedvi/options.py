@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedvi.settings import Interval, OneOf, Optional, Pattern, check_fields, setting
+from fedvi.settings import (
+    Interval,
+    InvalidSetting,
+    OneOf,
+    Optional,
+    Pattern,
+    check_fields,
+    setting,
+)
 
 MOVE_SCHEDULES = ("merdel", "paper", "none")
 BACKENDS = ("numpy", "torch")
@@ -79,7 +87,9 @@ class FitOptions:
     def __post_init__(self):
         check_fields(self)
         if self.backend == "numpy" and self.device != "cpu":
-            raise ValueError(f"backend='numpy' runs on the CPU only, got device={self.device!r}")
+            raise InvalidSetting(
+                f"backend='numpy' runs on the CPU only, got device={self.device!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -125,7 +135,7 @@ class ServerOptions:
     def __post_init__(self):
         check_fields(self)
         if self.label_mode == "map" and self.refine_rounds > 0:
-            raise ValueError(
+            raise InvalidSetting(
                 "label_mode='map' labels rows through the one-shot merge's local-to-global map, "
                 f"which refinement moves away from (refine_rounds={self.refine_rounds}): use "
                 "label_mode='posterior' or refine_rounds=0"

@@ -18,6 +18,7 @@ from fedvi.likelihoods import Bernoulli, Categorical
 from fedvi.settings import (
     Boolean,
     Interval,
+    InvalidSetting,
     Levels,
     Names,
     OneOf,
@@ -98,7 +99,7 @@ class MixtureSpec:
         if self.likelihood == "bernoulli" and self.n_levels is not None:
             levels = (self.n_levels,) if isinstance(self.n_levels, int) else self.n_levels
             if any(v != 2 for v in levels):
-                raise ValueError(
+                raise InvalidSetting(
                     f"n_levels={self.n_levels!r} is not allowed with likelihood='bernoulli' "
                     "(2 levels per variable)"
                 )
@@ -107,7 +108,7 @@ class MixtureSpec:
             and self.feature_names is not None
             and len(self.n_levels) != len(self.feature_names)
         ):
-            raise ValueError(
+            raise InvalidSetting(
                 f"{len(self.feature_names)} feature_names for {len(self.n_levels)} n_levels"
             )
 

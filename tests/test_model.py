@@ -107,27 +107,18 @@ def test_label_command_refuses_another_schema(fitted, tmp_path):
 
 
 # -- adding a site later ------------------------------------------------------------------
-def _preset_sites(overrides):
-    pytest.importorskip("hydra", reason="Hydra configs: pip install -e .[app]")
-    from simulations.data import load_sites
-    from strategies.config import RunSettings, compose_config
-
-    cfg = compose_config("config", overrides)
-    sites, truth, _ = load_sites(cfg)
-    return sites, truth, RunSettings.from_cfg(cfg)
-
-
 @pytest.mark.parametrize(
     "overrides",
     [
         ["+experiment=sim4", "federation.split=iid"],
         ["+experiment=sim4", "federation.split=dirichlet"],
-        ["+experiment=categorical", "setting=b"],
+        # 50,000 rows, fitted twice.
+        pytest.param(["+experiment=categorical", "setting=b"], marks=pytest.mark.slow),
     ],
 )
-def test_extend_matches_fitting_all_sites_at_once(overrides):
+def test_extend_matches_fitting_all_sites_at_once(overrides, preset_sites):
     """Thresholds from the issue: same K, ARI within 0.01 of the all-at-once fit."""
-    sites, truth, s = _preset_sites(overrides)
+    sites, truth, s = preset_sites(*overrides)
     kw = {"likelihood": s.spec.likelihood, "n_components": s.spec.n_components}
     all_at_once = fedvi.federated_fit(sites, **kw)
     four = fedvi.federated_fit(sites[:4], **kw)

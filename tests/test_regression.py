@@ -23,8 +23,6 @@ pytest.importorskip("hydra", reason="Hydra configs: pip install -e .[app]")
 
 import fedvi  # noqa: E402
 from fedvi.metrics import adjusted_rand_index  # noqa: E402
-from simulations.data import load_sites  # noqa: E402
-from strategies.config import RunSettings, compose_config  # noqa: E402
 
 PINS = {
     "sim4_iid": (
@@ -66,12 +64,16 @@ def _hash(labels) -> str:
     return hashlib.sha256(np.concatenate(labels).astype(np.int64).tobytes()).hexdigest()[:16]
 
 
-@pytest.mark.parametrize("name", list(PINS))
-def test_presets_give_the_clusters_of_46e3204(name):
+#: sim4 (10,000 rows, K_init 15) is the quick tier's pin; the others fit 20,000 rows at K_init 30.
+QUICK = ("sim4_iid",)
+
+
+@pytest.mark.parametrize(
+    "name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in PINS]
+)
+def test_presets_give_the_clusters_of_46e3204(name, preset_sites):
     overrides, server, k, elbo, ari, digest = PINS[name]
-    cfg = compose_config("config", overrides)
-    sites, truth, _ = load_sites(cfg)
-    s = RunSettings.from_cfg(cfg)
+    sites, truth, s = preset_sites(*overrides)
     res = fedvi.federated_fit(
         sites,
         likelihood=s.spec.likelihood,
@@ -88,9 +90,8 @@ def test_presets_give_the_clusters_of_46e3204(name):
     assert adjusted_rand_index(z, np.concatenate(res.labels)) == pytest.approx(ari, abs=1e-6)
 
 
-def test_single_site_estimator_gives_the_fit_of_46e3204():
-    cfg = compose_config("config", ["+experiment=sim4", "federation.split=iid"])
-    sites, truth, _ = load_sites(cfg)
+def test_single_site_estimator_gives_the_fit_of_46e3204(preset_sites):
+    sites, truth, _ = preset_sites("+experiment=sim4", "federation.split=iid")
     m = fedvi.MixtureVI(n_components=15, seed=0).fit(np.vstack(sites))
     assert m.n_clusters_ == 8 and m.n_iter_ == 17
     assert m.elbo_ == pytest.approx(-407524.87497090804, rel=1e-9)

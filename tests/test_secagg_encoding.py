@@ -9,6 +9,7 @@ pairwise masks cancel in the sum exactly as in the protocol, so no key exchange 
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -25,6 +26,7 @@ from flwr.common.secure_aggregation.ndarrays_arithmetic import (  # noqa: E402
     parameters_subtraction,
 )
 from flwr.common.secure_aggregation.quantization import dequantize, quantize  # noqa: E402
+from flwr.server.workflow import SecAggPlusWorkflow  # noqa: E402
 
 from fedvi import secagg  # noqa: E402
 from fedvi.secagg import (  # noqa: E402
@@ -96,12 +98,47 @@ def _scales(max_rows, G):
     return [secagg_scale(max_rows), secagg_scale(max_rows), secagg_scale(max_rows * math.log(G))]
 
 
-def test_constants_match_flower_defaults():
-    assert QUANTIZATION_RANGE == 2**22 and MODULUS_RANGE == 2**32
-    assert LIMB_BITS == 21 and 2.0**-LIMB_BITS == 2 * CLIPPING_RANGE / QUANTIZATION_RANGE
-    assert NUM_EXAMPLES / MAX_WEIGHT == 1.0
-    assert secagg.MAX_SITES * QUANTIZATION_RANGE < MODULUS_RANGE
-    assert (secagg.MAX_SITES + 1) * QUANTIZATION_RANGE == MODULUS_RANGE
+def test_ranges_are_flowers_defaults():
+    """The ranges the docstring calls Flower's defaults are the ones this Flower declares."""
+    params = inspect.signature(SecAggPlusWorkflow.__init__).parameters
+    assert QUANTIZATION_RANGE == params["quantization_range"].default
+    assert MODULUS_RANGE == params["modulus_range"].default
+
+
+def test_limb_bits_is_the_finest_grid_flower_sends_exactly():
+    """A value on the ``2**-LIMB_BITS`` grid survives Flower's quantisation unchanged; one on
+    the next finer grid does not (it is rounded stochastically to a neighbour)."""
+    step = 2.0**-LIMB_BITS
+    on_grid = np.array([-1.0, -1.0 + step, -step, 0.0, 3 * step, 0.5 + 7 * step, 1.0])
+    np.random.seed(0)  # noqa: NPY002 - Flower's stochastic rounding draws from it
+    q = quantize([on_grid], CLIPPING_RANGE, QUANTIZATION_RANGE)
+    np.testing.assert_array_equal(dequantize(q, CLIPPING_RANGE, QUANTIZATION_RANGE)[0], on_grid)
+    finer = np.full(64, 0.5 + step / 2)
+    q = quantize([finer], CLIPPING_RANGE, QUANTIZATION_RANGE)
+    back = dequantize(q, CLIPPING_RANGE, QUANTIZATION_RANGE)[0]
+    assert set(back.tolist()) == {0.5, 0.5 + step}
+
+
+def test_every_sites_weight_factor_is_exactly_one():
+    """With ``num_examples = NUM_EXAMPLES`` Flower's integer weight is ``q`` itself, so the
+    weighted average times the number of sites is the sum."""
+    upload = _site_upload([np.zeros(3)], NUM_EXAMPLES, None)
+    weight, _ = factor_extract(upload)
+    assert weight == QUANTIZATION_RANGE
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_max_sites_is_the_most_a_round_sums_without_wrapping(extra):
+    """MAX_SITES uploads of the largest value sum below ``modulus_range``; one more wraps."""
+    n = secagg.MAX_SITES + extra
+    # Every integer at its maximum (int64, as once the masks are added).
+    upload = [a.astype(np.int64) for a in _site_upload([np.ones(2)], NUM_EXAMPLES, None)]
+    total = [np.zeros_like(a) for a in upload]
+    for _ in range(n):
+        total = parameters_mod(parameters_addition(total, upload), MODULUS_RANGE)
+    weight, recon = factor_extract(total)
+    fits = weight == n * QUANTIZATION_RANGE and np.all(recon[0] == n * QUANTIZATION_RANGE)
+    assert fits == (extra == 0)
 
 
 def test_secagg_scale():

@@ -164,13 +164,16 @@ def test_unreadable_file_is_named_and_run_continues(tmp_path):
     )
     run_protocol(strategy, grid_for(paths, tmp_path))
     o = strategy.result
-    assert o.status == "completed_with_failures" and o.n_clusters >= 1
+    assert o.status == "completed_with_failures"
     (fail,) = o.failures
     assert fail["phase"] == "preflight" and fail["site"] == 2 and fail["node"] == "1002"
     assert "failed validation" in fail["error"]
     assert "site2.npy" not in fail["error"]  # no path crosses the wire
+    # The two remaining sites give the in-process fit of their tables (the same K and ELBO),
+    # not just some clusters.
     ref = fedvi.federated_fit(tables[:2], n_components=12, seed=7)
     assert o.n_clusters == ref.n_clusters
+    assert o.elbo == pytest.approx(ref.elbo, rel=1e-10)
 
 
 def test_too_few_sites_stop_the_run_with_the_reasons(tmp_path):
@@ -318,6 +321,7 @@ def test_a_site_requiring_secure_aggregation_is_not_asked_in_a_plain_run(tmp_pat
     assert o.elbo_history == pytest.approx(ref.elbo_history, rel=1e-10)
 
 
+@pytest.mark.slow  # waits 13 s of wall-clock for a late site and a progress line
 def test_waiting_names_the_connected_and_the_missing_sites(tmp_path):
     """A site that connects late: while waiting, a progress line every 10 s says which sites
     are connected (by partition id and node) and which are missing; the run then goes on."""
