@@ -16,12 +16,13 @@ import numpy as np
 
 from fedvi.data import EncodedData, encode, site_list
 from fedvi.elbo import elbo
+from fedvi.gate import SiteGate  # issue 15: each site's release gate
 from fedvi.global_merge import GlobalMerge, global_merge
 from fedvi.labels import label_rows, map_labels, release_label_counts, release_refinement
+from fedvi.ledger import Ledger
 from fedvi.model import FittedModel
 from fedvi.options import FitOptions, ServerOptions
-from fedvi.policy import SitePolicy, check_request
-from fedvi.privacy import site_accountant
+from fedvi.policy import PolicyRefusal, SitePolicy, check_request
 from fedvi.protocol import encode_refine
 from fedvi.result import FederatedResult, SiteReport
 from fedvi.settings import numpydoc, split_options
@@ -129,6 +130,7 @@ def federated_fit(
     seed: int | None = 0,
     policy: SitePolicy | Sequence[SitePolicy] | None = None,
     site_ids: Sequence[int] | None = None,
+    noise_rng: np.random.Generator | None = None,
     **options,
 ) -> FederatedResult:
     """Cluster the pooled population of several sites without pooling their rows."""
@@ -146,16 +148,24 @@ def federated_fit(
         check_request(spec, p)
     spec, encoded = shared_spec(tables, spec)
     result = FederatedResult(label_mode=server.label_mode)
-    fits = _fit_sites(result, encoded, spec, policies, ids, fit, server, seed)
+    gates = site_gates(policies, noise_rng)
+    fits = _fit_sites(result, encoded, spec, policies, ids, fit, server, seed, gates)
     merged = global_merge([f.summaries for f in fits], server.merge_mode, site_ids=ids)
-    _finish(result, merged, fits, encoded, policies, ids, server, fit, seed)
+    _finish(result, merged, fits, encoded, policies, ids, server, fit, gates)
     return result
 
 
-def _fit_sites(result, encoded, spec, policies, ids, fit, server, seed) -> list:
+def site_gates(policies: Sequence[SitePolicy], noise_rng=None) -> list[SiteGate]:
+    """issue 15: each site's release gate for one in-process run (its ledger in its
+    ``state_dir``, else in memory; noise from ``noise_rng`` or OS entropy)."""
+    return [SiteGate(p, Ledger(p.state_dir), rng=noise_rng) for p in policies]
+
+
+def _fit_sites(result, encoded, spec, policies, ids, fit, server, seed, gates) -> list:
     """Each site's local fit under its own policy (floor, hardware); fills its report."""
     fits = []
     for b, (data, p) in enumerate(zip(encoded, policies, strict=True)):
+        gates[b].start_local(spec)
         f = fit_site(
             data,
             spec,
@@ -165,6 +175,8 @@ def _fit_sites(result, encoded, spec, policies, ids, fit, server, seed) -> list:
             source=f"site {ids[b]}",
         )
         fits.append(f)
+        floor = p.floor(server.min_cluster_size)
+        gates[b].local_released(spec, f.summaries.n_clusters, data.n_rows, floor)
         result.sites[ids[b]] = SiteReport(
             site=ids[b],
             n_rows=data.n_rows,
@@ -176,17 +188,27 @@ def _fit_sites(result, encoded, spec, policies, ids, fit, server, seed) -> list:
     return fits
 
 
-def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, fit, seed):
+def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, fit, gates):
     """Refinement, labels and the global model, after the merge (shared by fit and extend)."""
     result.merge = merged
     for b, s in enumerate(ids):
         result.sites[s].mapping = merged.mapping[b]
     posterior = merged.posterior
     result.elbo_history = [merged.elbo_before, merged.elbo]
-    accountants = [site_accountant(p, server) for p in policies]
-    rngs = [np.random.default_rng([0 if seed is None else seed, s, 7]) for s in ids]
     floors = [p.floor(server.min_cluster_size) for p in policies]
     takes_part = [p.allow_refine for p in policies]
+    noisy = any(p.dp_epsilon is not None for p in policies)
+    for b, data in enumerate(encoded):  # issue 15: a site too small for its budget declines
+        if (
+            takes_part[b]
+            and server.refine_rounds
+            and not gates[b].refinement_useful(data.n_rows, data.n_features, server)
+        ):
+            takes_part[b] = False
+            result.notes.append(
+                f"site {ids[b]} declines refinement: too small for its privacy budget to give "
+                "a useful release (its one-shot statistics stand)"
+            )
     membership = merged.membership
     fixed_all = [
         fixed_contribution(f.summaries, merged.mapping[b], posterior.n_clusters)
@@ -202,12 +224,20 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
                 fixed.append(fixed_all[b])
                 continue
             opts = site_fit_options(fit, policies[b])
-            st = release_refinement(data, posterior, floors[b], opts, accountants[b], rngs[b])
+            try:  # issue 15: the site's gate grants (or refuses) this release
+                rho = gates[b].aggregate("refine", posterior, data.n_rows, data.n_features, server)
+            except PolicyRefusal as exc:
+                takes_part[b] = False
+                fixed.append(fixed_all[b])
+                result.notes.append(f"site {ids[b]} stops refining: {exc}")
+                continue
+            st = release_refinement(data, posterior, floors[b], opts, rho, gates[b].rng)
+            gates[b].released(
+                "refine", posterior.n_clusters, data.n_rows, "refinement", rho, floors[b], server
+            )
             stats.append(st)
             result.sites[ids[b]].add_uplink("refine", encode_refine(st))
-        new, accepted, kept = combine_refinement(
-            posterior, stats, fixed, noisy=any(a is not None for a in accountants)
-        )
+        new, accepted, kept = combine_refinement(posterior, stats, fixed, noisy=noisy)
         if not accepted:
             result.notes.append(
                 f"refinement round {r + 1} not applied: it would have lowered the ELBO "
@@ -230,13 +260,17 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
             labels = label_rows(data, posterior, site_fit_options(fit, policies[b]))
         rep.labels = labels
         if policies[b].allow_labels:
-            rep.counts = release_label_counts(labels, G, floors[b], accountants[b], rngs[b])
+            rho = gates[b].aggregate("label", posterior, data.n_rows, data.n_features, server)
+            rep.counts = release_label_counts(labels, G, floors[b], rho, gates[b].rng)
+            spent = gates[b].released(
+                "label", G, data.n_rows, "label counts", rho, floors[b], server
+            )
             rep.add_uplink("label", [rep.counts])
-        if accountants[b] is not None:
-            rep.privacy = {
-                "epsilon_spent": accountants[b].epsilon_spent,
-                **accountants[b].to_dict(),
-            }
+            if spent:
+                rep.privacy = {
+                    "epsilon_spent": spent["privacy.epsilon_spent"],
+                    "releases": spent["privacy.releases"],
+                }
     result.model = FittedModel(posterior, merged.site_ids, membership)
     result.status = "completed"
     result.privacy = {
@@ -253,6 +287,7 @@ def extend(
     seed: int | None = 0,
     policy: SitePolicy | Sequence[SitePolicy] | None = None,
     site_ids: Sequence[int] | None = None,
+    noise_rng: np.random.Generator | None = None,
     **options,
 ) -> FederatedResult:
     """Add sites to a fitted global model without refitting the others.
@@ -273,7 +308,8 @@ def extend(
         check_request(spec, p)
     encoded = [encode(X, spec, source=f"site {s}") for X, s in zip(tables, ids, strict=True)]
     result = FederatedResult(label_mode="posterior")
-    fits = _fit_sites(result, encoded, spec, policies, ids, fit, server, seed)
+    gates = site_gates(policies, noise_rng)
+    fits = _fit_sites(result, encoded, spec, policies, ids, fit, server, seed, gates)
     merged = global_merge(
         [f.summaries for f in fits],
         server.merge_mode,
@@ -281,7 +317,7 @@ def extend(
         base=(model.posterior, model.membership, list(model.site_ids)),
     )
     no_refine = dataclasses.replace(server, refine_rounds=0, label_mode="posterior")
-    _finish(result, merged, fits, encoded, policies, ids, no_refine, fit, seed)
+    _finish(result, merged, fits, encoded, policies, ids, no_refine, fit, gates)
     if server.refine_rounds:
         result.notes.append("extend: no refinement rounds (the model's other sites are not here)")
     return result
@@ -302,11 +338,15 @@ datasets : list of tables, one per site
 likelihood : str, optional
     Shorthand for the ``likelihood`` setting below.
 seed : int or None, default 0
-    Seed of the local fits (and of any privacy noise).
+    Seed of the local fits (never of the privacy noise: that comes from the sites' entropy).
 policy : SitePolicy or list of SitePolicy, optional
-    Each site's own rules (disclosure floor, what it answers, its privacy budget).
+    Each site's own rules (disclosure floor, what it answers, its privacy budget: by default
+    its refinement statistics and label counts carry DP noise, ``dp_epsilon`` of
+    :class:`SitePolicy`; ``SitePolicy(dp_epsilon=None)`` opts out).
 site_ids : list of int, optional
     Partition ids of the sites (default ``0..B-1``).
+noise_rng : numpy Generator, optional
+    The sites' noise generator (tests; default: OS entropy).
 {numpydoc(MixtureSpec, FitOptions, ServerOptions)}
 
 Returns

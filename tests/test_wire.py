@@ -18,10 +18,10 @@ from fedvi.protocol import decode_summaries, encode_request  # noqa: E402
 from fedvi.simulate import simulate  # noqa: E402
 
 
-def _site(tmp_path, X, pid=0):
+def _site(tmp_path, X, pid=0, policy=None):
     path = tmp_path / f"site{pid}.npy"
     np.save(path, X)
-    client = site_client(pid)
+    client = site_client(pid, policy=policy)
     sim = {"sim.data_paths": [str(path)] * (pid + 1), "sim.output_dir": str(tmp_path)}
     return client, sim
 
@@ -83,7 +83,10 @@ def test_uplink_size_does_not_depend_on_rows(tmp_path):
 
 def test_label_phase_writes_rows_locally_and_sends_counts(tmp_path):
     X = _well_separated(400)
-    client, sim = _site(tmp_path, X)
+    # Exact counts: the site opts out of DP noise (by default its counts are noisy).
+    client, sim = _site(
+        tmp_path, X, policy=fedvi.SitePolicy(allow_server_paths=True, dp_epsilon=None)
+    )
     spec, _ = shared_spec([X], fedvi.MixtureSpec(n_components=8))
     arrays, _, metrics = _ask(client, "local", spec, sim)
     post = fedvi.global_merge([decode_summaries(arrays, metrics, "summaries")]).posterior

@@ -22,13 +22,12 @@ row number).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from logging import ERROR, INFO
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.app.message_type import MessageType
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
@@ -38,11 +37,13 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from fedvi import secagg
 from fedvi.data import DataError
 from fedvi.federated import site_fit_options, site_seed
+from fedvi.gate import SiteGate  # issue 15: the site's release gate (ledger, caps, budget)
 from fedvi.io import open_table, write_labels
 from fedvi.labels import label_rows, map_labels, release_label_counts, release_refinement
+from fedvi.ledger import Ledger, LedgerError, request_sha256
 from fedvi.options import FitOptions
 from fedvi.policy import PolicyRefusal, SitePolicy, check_posterior, check_request
-from fedvi.privacy import Accountant, BudgetExhausted, site_accountant
+from fedvi.privacy import BudgetExhausted
 from fedvi.protocol import (
     K_PHASE,
     K_PROTOCOL,
@@ -68,7 +69,6 @@ from fedvi.site import encode_site, fit_site
 from fedvi.vi import Problem, Source, labels_of
 
 _LOCAL_SOURCE = "fedvi.local-source"
-_PRIVACY = "fedvi.privacy"
 
 
 def safe_reason(exc: BaseException) -> str:
@@ -83,6 +83,8 @@ def safe_reason(exc: BaseException) -> str:
         return f"invalid request: {exc}"  # about the server's own values
     if isinstance(exc, BudgetExhausted):
         return "refused: the site's privacy budget is spent"
+    if isinstance(exc, LedgerError):
+        return "refused: the site's release ledger is not available; details are in its log"
     return f"internal error ({type(exc).__name__}); details are in the site's log"
 
 
@@ -95,9 +97,18 @@ class FedviClient(NumPyClient):
     """One site. ``node_config``: the SuperNode's config (``partition-id`` and the
     :class:`SitePolicy` keys); ``state``: the persistent context state (keeps what later phases
     need: the local fit's source for map labels, the privacy accountant); ``policy``: overrides
-    the policy read from the node config (the simulation's built-in sites)."""
+    the policy read from the node config (the simulation's built-in sites); ``run_id``: the
+    Flower run (the ledger's per-run caps; a fresh id when not given); ``noise_rng``: the site's
+    own noise generator (tests inject one; default OS entropy, never a request's seed)."""
 
-    def __init__(self, node_config: dict, state=None, policy: SitePolicy | None = None):
+    def __init__(
+        self,
+        node_config: dict,
+        state=None,
+        policy: SitePolicy | None = None,
+        run_id=None,
+        noise_rng: np.random.Generator | None = None,
+    ):
         self.node_config = dict(node_config)
         if "partition-id" not in self.node_config:
             raise ValueError(
@@ -108,6 +119,9 @@ class FedviClient(NumPyClient):
         self.policy = policy if policy is not None else SitePolicy.from_node_config(node_config)
         self.state = state
         self.name = f"site {self.partition_id}"
+        self.run_id, self.noise_rng = run_id, noise_rng
+        self.gate: SiteGate | None = None
+        self._sha: str | None = None
 
     # --- what the site reads and writes (its policy decides) ----------------------------
     def _sim(self, req: Request) -> dict:
@@ -138,6 +152,17 @@ class FedviClient(NumPyClient):
         if sim.get("sim.output_dir"):
             return sim["sim.output_dir"]
         return os.path.dirname(os.path.abspath(self.data_path(req)))
+
+    def state_dir(self, req: Request) -> str:
+        """The site's own state folder (its ledger): the node config's, else under its output."""
+        return self.policy.state_dir or os.path.join(self.output_dir(req), ".fedvi-state")
+
+    def _gate(self, req: Request) -> SiteGate:
+        # issue 15 hook: one gate per client (run); its ledger lives in the site's state folder
+        if self.gate is None:
+            ledger = Ledger(self.state_dir(req))
+            self.gate = SiteGate(self.policy, ledger, self.run_id, self.noise_rng)
+        return self.gate
 
     def cache_dir(self, req: Request) -> str:
         if self.policy.cache_dir:
@@ -182,6 +207,7 @@ class FedviClient(NumPyClient):
         phase = phase if phase in PHASES else "unknown"
         t0 = time.perf_counter()
         try:
+            self._sha = request_sha256(parameters, config)  # issue 15: the ledger's request hash
             req = decode_request(parameters, config)
             handler = {
                 Phase.PREFLIGHT: self._preflight,
@@ -193,6 +219,7 @@ class FedviClient(NumPyClient):
             arrays, n, extra = handler(req, secure)
         except Exception as exc:  # nothing but a safe reason leaves the site
             log(ERROR, "%s, phase %s failed", self.name, phase, exc_info=exc)
+            self._log_refusal(phase, exc)
             raise SiteError(
                 site_error_message(self.partition_id, phase, safe_reason(exc))
             ) from None
@@ -203,6 +230,17 @@ class FedviClient(NumPyClient):
             # the number of sites the sum, and keeps the site's size out of the unmasked field.
             n = secagg.NUM_EXAMPLES
         return arrays, int(n), reply_metrics(self.partition_id, phase, seconds, **extra)
+
+    def _log_refusal(self, phase: str, exc: BaseException) -> None:
+        """issue 15 hook: a refusal raised outside the gate goes to the ledger too."""
+        if self.gate is None or not isinstance(exc, PolicyRefusal):
+            return
+        if getattr(exc, "logged", False):
+            return
+        try:
+            self.gate.log_refusal(phase, exc, self._sha)
+        except LedgerError:
+            log(ERROR, "%s: the ledger could not log a refusal", self.name)
 
     # --- phases -------------------------------------------------------------------------------
     def _floor(self, req: Request) -> int:
@@ -229,12 +267,17 @@ class FedviClient(NumPyClient):
             if data.feature_names is None
             else tuple(variable_hashes(data.feature_names)),
             has_missing=bool(data.has_missing),
-            policy=self.policy.summary(),
+            policy=self.policy.summary(
+                self._gate(req).preflight(
+                    req.spec, data.n_rows, data.n_features, req.server, self._sha
+                )
+            ),
         )
         return [], data.n_rows, pre.to_metrics()
 
     def _local(self, req: Request, secure: bool):
         check_request(req.spec, self.policy)
+        self._gate(req).start_local(req.spec, self._sha)  # issue 15: caps, agreed model
         t0 = time.perf_counter()
         data, spec = self.table(req)
         load = time.perf_counter() - t0
@@ -249,6 +292,9 @@ class FedviClient(NumPyClient):
         if self.state is not None:
             arrays = fit.state.source.to_arrays()
             self.state[_LOCAL_SOURCE] = ArrayRecord([np.asarray(a) for a in arrays])
+        self.gate.local_released(
+            spec, fit.summaries.n_clusters, data.n_rows, self._floor(req), self._sha
+        )
         arrays, meta = encode_summaries(fit.summaries, "summaries")
         meta.update(
             {
@@ -260,20 +306,6 @@ class FedviClient(NumPyClient):
         )
         return arrays, data.n_rows, meta
 
-    def _accountant(self, req: Request) -> Accountant | None:
-        acc = site_accountant(self.policy, req.server)
-        if acc is not None and self.state is not None and _PRIVACY in self.state.config_records:
-            saved = json.loads(str(self.state.config_records[_PRIVACY]["json"]))
-            return Accountant.from_dict(saved)
-        return acc
-
-    def _save_accountant(self, acc: Accountant | None) -> dict:
-        if acc is None:
-            return {}
-        if self.state is not None:
-            self.state.config_records[_PRIVACY] = ConfigRecord({"json": json.dumps(acc.to_dict())})
-        return {"privacy.epsilon_spent": acc.epsilon_spent, "privacy.releases": acc.made}
-
     def _aggregate_round(self, req: Request, secure: bool, rule: str, allowed: bool):
         if not allowed:
             raise PolicyRefusal(rule, f"this site does not answer {req.phase.value} rounds")
@@ -284,40 +316,49 @@ class FedviClient(NumPyClient):
             )
         check_posterior(req.posterior, self.policy)
         data, _ = self.table(req, req.posterior.spec)
-        return data
+        # issue 15: the gate checks the agreed model, the caps and grants the budget (rho)
+        rho = self._gate(req).aggregate(
+            req.phase.value, req.posterior, data.n_rows, data.n_features, req.server, self._sha
+        )
+        return data, rho
 
-    def _rng(self, req: Request, acc: Accountant | None):
-        """The noise generator of this release (``None`` without DP)."""
-        if acc is None:
-            return None
-        return np.random.default_rng([req.seed, self.partition_id, acc.made, 11])
+    def _released(self, req: Request, data, rho, what: str) -> dict:
+        """issue 15 hook: log the release in the ledger; the reply's budget figures."""
+        return self.gate.released(
+            req.phase.value,
+            req.posterior.n_clusters,
+            data.n_rows,
+            what,
+            rho,
+            self._floor(req),
+            req.server,
+            self._sha,
+        )
 
     def _refine(self, req: Request, secure: bool):
-        data = self._aggregate_round(req, secure, "allow-refine", self.policy.allow_refine)
-        acc = self._accountant(req)
+        data, rho = self._aggregate_round(req, secure, "allow-refine", self.policy.allow_refine)
         stats = release_refinement(
-            data, req.posterior, self._floor(req), self._opts(req), acc, self._rng(req, acc)
+            data, req.posterior, self._floor(req), self._opts(req), rho, self.gate.rng
         )
         arrays = encode_refine(stats)
-        extra = self._save_accountant(acc)
+        extra = self._released(req, data, rho, "counts, sums, entropies per cluster")
         return self._secure(arrays, req, secure), data.n_rows, extra
 
     def _label(self, req: Request, secure: bool):
-        data = self._aggregate_round(req, secure, "allow-labels", self.policy.allow_labels)
+        data, rho = self._aggregate_round(req, secure, "allow-labels", self.policy.allow_labels)
         posterior = req.posterior
         if req.mapping is not None:
             labels = map_labels(self._local_labels(data, req), self._checked_mapping(req))
         else:
             labels = label_rows(data, posterior, self._opts(req))
         write_labels(labels_path(self.output_dir(req), self.partition_id), labels)
-        acc = self._accountant(req)
         marker = 0 if secure else -1
         shown = release_label_counts(
-            labels, posterior.n_clusters, self._floor(req), acc, self._rng(req, acc), marker
+            labels, posterior.n_clusters, self._floor(req), rho, self.gate.rng, marker
         )
         # Under secure aggregation the server sees only the sum: no per-site scalar about it.
         extra = {} if secure else {"label.n_suppressed": int((shown == marker).sum())}
-        extra.update(self._save_accountant(acc))
+        extra.update(self._released(req, data, rho, "label counts per cluster"))
         arrays = [shown.astype(np.float64 if secure else np.int64)]
         return self._secure(arrays, req, secure), data.n_rows, extra
 
@@ -378,7 +419,7 @@ def make_client_fn(policy_for=None, partition_offset: int = 0):
             policy = None
             if policy_for is not None:
                 policy = policy_for(node_config["partition-id"])
-            return FedviClient(node_config, context.state, policy).to_client()
+            return FedviClient(node_config, context.state, policy, context.run_id).to_client()
         except Exception as exc:  # the site's own configuration: details stay in its log
             log(ERROR, "the node config is not valid", exc_info=exc)
             pid = node_config.get("partition-id")
