@@ -219,7 +219,8 @@ class SiteGate:
                 )
         else:
             rho = min(rho_for(*budget), self._period_left(n_rows)) / plan
-        if rho <= 0 or rho > self._period_left(n_rows) * (1 + 1e-9):
+        total = rho_for(self.policy.dp_epsilon_period, site_delta(self.policy.dp_delta, n_rows))
+        if rho <= 1e-9 * total or rho > self._period_left(n_rows) + 1e-12 * total:
             self.refuse(
                 phase,
                 "dp-epsilon-period",

@@ -109,7 +109,7 @@ def refine_blocks(n_missing_blocks: int = 0) -> int:
 
 #: A refinement release is useful when the site's rows are at least this many times the noise
 #: scale of its per-cluster sums (measured: docs/privacy.md, ``bench_privacy.py --rows``).
-USEFUL_ROWS_PER_SIGMA = 20.0
+USEFUL_ROWS_PER_SIGMA = 200.0
 
 
 def refinement_useful(n_rows: int, n_features: int, rho_per_release: float) -> bool:
