@@ -80,7 +80,8 @@ def site_client(pid: int, node_config: dict | None = None, policy=None) -> Fedvi
     """A site as the simulation builds it (opted in to server-sent paths) unless a
     ``node_config``/``policy`` says otherwise."""
     if policy is None and node_config is None:
-        policy = fedvi.SitePolicy(allow_server_paths=True)
+        # Opted out of DP noise: the tests compare the protocol with federated_fit exactly.
+        policy = fedvi.SitePolicy(allow_server_paths=True, dp_epsilon=None)
     return FedviClient({"partition-id": pid, **(node_config or {})}, RecordDict(), policy)
 
 
