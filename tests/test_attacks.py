@@ -55,11 +55,13 @@ class Site:
         header = ",".join(f"v{j}" for j in range(X.shape[1]))
         rows = "\n".join(",".join(str(int(v)) for v in x) for x in X)
         path.write_text(header + "\n" + rows + "\n")
+        # (keys the site's version does not know are left out: the code before issue 15)
+        known = {f.name.replace("_", "-") for f in dataclasses.fields(fedvi.SitePolicy)}
         self.config = {
             "partition-id": 1,
             "data-path": str(path),
             "output-dir": str(tmp_path / "site" / "out"),
-            **(node_config or {}),
+            **{k: v for k, v in (node_config or {}).items() if k in known},
         }
         self.noise = np.random.default_rng(seed)  # the site's own entropy (unknown to attacker)
         self.runs = 0
@@ -277,6 +279,7 @@ def test_crafted_prior_is_refused_and_named(tmp_path):
             site.client.fit(arrays, config)
 
 
+@pytest.mark.slow
 def test_refine_threshold_differencing_with_the_default_node_config(tmp_path):
     """Crafted priors agreed from pre-flight on (``beta=1e-9``), 2,000 refine rounds asked,
     bisection over five runs. Before: 6 whole rows from 120 refine rounds in one run (every
@@ -288,6 +291,7 @@ def test_refine_threshold_differencing_with_the_default_node_config(tmp_path):
     assert rows_recovered(X, found) == 0
 
 
+@pytest.mark.slow
 def test_refine_threshold_differencing_against_a_large_site(tmp_path):
     """The same against a site that refines under its budget (8,000 rows, ``dp-epsilon=4``):
     every release is noisy and each run has at most five refine releases. Before: whole rows
@@ -307,6 +311,7 @@ def released(tmp_path, phase) -> int:
     return sum(e["decision"] == "released" and e["phase"] == phase for e in lines)
 
 
+@pytest.mark.slow
 def test_label_threshold_differencing(tmp_path):
     """Label rounds alone (``allow-refine=false`` too), each suppressed count completed from the
     site's exact ``N``. Before: whole rows (the attack reads each variable of an isolated row).
@@ -341,17 +346,25 @@ def test_label_counts_cannot_be_completed_without_noise(tmp_path):
     assert small and not any(small)
 
 
+@pytest.mark.slow
 def test_noise_is_not_regenerated_from_the_request_seed(tmp_path):
     """The site's noise comes from its own entropy: the coordinator regenerates the noise the
     site used before (``default_rng([seed, site, releases, 11])``), subtracts it, and reads
-    exact refine statistics. Before: exact statistics and whole rows from 21 releases. Now:
-    the subtraction leaves noise, no row."""
+    exact refine statistics (one release per run). Before: whole rows. Now: the subtraction
+    leaves the site's own noise, no row (with the caps lifted, so that only the noise's source
+    is tested)."""
     X = table(n=400)
-    cfg = {"dp-epsilon": 8.0, "dp-epsilon-period": 8.0}
+    # Generous caps: only the source of the noise protects here (ledger caps are tested apart).
+    cfg = {
+        "dp-epsilon": 100.0,
+        "dp-epsilon-period": 1e6,
+        "max-runs": 1000,
+        "max-local-fits": 1000,
+    }
     site = Site(tmp_path, X, cfg)
     spec = hostile_spec()
     u = weights()
-    srv = ServerOptions(refine_rounds=1, min_cluster_size=1, dp_epsilon=8.0)
+    srv = ServerOptions(refine_rounds=1, min_cluster_size=1, dp_epsilon=100.0)
     found = []
     for _ in range(6):
         if not start_run(site, spec, srv):
@@ -369,7 +382,7 @@ def test_noise_is_not_regenerated_from_the_request_seed(tmp_path):
             arrays, n, metrics = got
             stats = decode_refine(arrays, post, n)
             # the old site's noise: default_rng([seed, partition, made, 11]), equal shares
-            rho = fedvi.privacy.rho_for(8.0, srv.dp_delta) / 2 / 3
+            rho = fedvi.privacy.rho_for(100.0, srv.dp_delta) / 2 / 3
             rng = np.random.default_rng([0, 1, 0, 11])
             e_c = rng.normal(0.0, fedvi.privacy.gaussian_sigma(1.0, rho), size=2)
             e_s = rng.normal(0.0, fedvi.privacy.gaussian_sigma(np.sqrt(D), rho), size=(2, D))
@@ -383,6 +396,7 @@ def test_noise_is_not_regenerated_from_the_request_seed(tmp_path):
     assert rows_recovered(X, found) == 0
 
 
+@pytest.mark.slow
 def test_server_chosen_delta_and_round_counts(tmp_path):
     """The server asks for ``dp_delta=0.999999`` and 2,000 rounds of a site that set
     ``dp-epsilon=4``; repeated label counts, majority-voted, read rows. Before: the site took
