@@ -63,6 +63,8 @@ class Site:
             "output-dir": str(tmp_path / "site" / "out"),
             **{k: v for k, v in (node_config or {}).items() if k in known},
         }
+        if not _new_api() and self.config.get("dp-epsilon") == "none":
+            del self.config["dp-epsilon"]  # before issue 15, no noise was the default
         self.noise = np.random.default_rng(seed)  # the site's own entropy (unknown to attacker)
         self.runs = 0
         self.new_run()
