@@ -135,7 +135,8 @@ def rows_table(rows_per_site, seeds, epsilons=RATE_EPSILONS, presets=PRESETS) ->
                 for eps in epsilons:
                     srv = fedvi.ServerOptions(refine_rounds=ROUNDS)
                     pol = SitePolicy(dp_epsilon=eps, dp_epsilon_period=max(4.0, eps))
-                    rho = privacy.rho_for(eps, 1.0 / n) / privacy.planned_releases(pol, srv)
+                    delta = min(1.0 / n, srv.dp_delta)  # the site's 1/N, lowered by the run's
+                    rho = privacy.rho_for(eps, delta) / privacy.planned_releases(pol, srv)
                     sigma = privacy.gaussian_sigma(np.sqrt(D), rho / privacy.refine_blocks())
                     forced = run(eps, 0.0)
                     declines = not privacy.refinement_useful(n, D, rho)
