@@ -16,12 +16,13 @@ shifted by a large weight on one variable, that variable's value).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 
 import numpy as np
 import pytest
 from scipy.optimize import brentq
-from scipy.special import digamma
+from scipy.special import digamma, expit
 
 pytest.importorskip("flwr", reason="the Flower layer: pip install -e .[app]")
 
@@ -97,21 +98,32 @@ def hostile_spec(beta=CRAFTED_BETA, d=D) -> fedvi.MixtureSpec:
     return fedvi.MixtureSpec(n_components=10, beta=beta).resolve((2,) * d, names(d))
 
 
-def _sum_for(w: float, a: float) -> float:
-    """``S`` in ``(0, M)`` with ``digamma(a + S) - digamma(a + M - S) = w`` (Beta(a, a) prior)."""
-    f = lambda s: digamma(a + s) - digamma(a + M - s) - w  # noqa: E731
-    return brentq(f, 1e-13, M - 1e-13, xtol=1e-15, rtol=1e-15, maxiter=500)
+def _sums_for(w: np.ndarray, a: float) -> np.ndarray:
+    """``S`` in ``(0, M)`` with ``digamma(a + S) - digamma(a + M - S) = w`` per entry (a Beta(a,
+    a) prior), by bisection on ``logit(S / M)`` (vectorised; the function rises with ``S``)."""
+    lo, hi = np.full(w.shape, -60.0), np.full(w.shape, 60.0)
+    for _ in range(90):
+        mid = (lo + hi) / 2
+        S = M * expit(mid)
+        up = digamma(a + S) - digamma(a + (M - S)) > w
+        hi, lo = np.where(up, mid, hi), np.where(up, lo, mid)
+    return M * expit((lo + hi) / 2)
 
 
 def _cluster(weights: np.ndarray, a: float):
-    S = np.array([_sum_for(w, a) for w in weights])
-    e0 = digamma(a + M - S) - digamma(2 * a + M)
+    S = _sums_for(np.asarray(weights, dtype=float), a)
+    e0 = digamma(a + (M - S)) - digamma(2 * a + M)
     return S, e0.sum()
 
 
 def threshold_posterior(spec, u: np.ndarray, T: float) -> Summaries:
     """Two clusters: cluster 1 takes exactly the rows with ``u . x > T`` (``u >= 0``)."""
-    a = spec.beta
+    return _threshold_posterior(spec, tuple(float(v) for v in u), float(T))
+
+
+@functools.lru_cache(maxsize=4096)
+def _threshold_posterior(spec, u: tuple, T: float) -> Summaries:
+    a, u = spec.beta, np.asarray(u)
     target = -SCALE * T
 
     def const(o):
