@@ -456,3 +456,38 @@ def test_local_fits_are_capped_per_period(tmp_path):
             site.new_run()
     assert answered <= 10
     assert refusals and all("max-local-fits" in r or "max-runs" in r for r in refusals)
+
+
+def test_every_release_and_refusal_is_in_the_ledger(tmp_path):
+    """The site's audit log: its ledger has one line per release and per refusal, with the
+    rule, also for refusals outside the gate (a new client per message, as in Flower)."""
+    if not _new_api():
+        pytest.skip("the ledger exists from issue 15 on")
+    from fedvi.ledger import Ledger
+
+    X = table()
+    site = Site(tmp_path, X, {"allow-labels": False})
+    spec = fedvi.MixtureSpec(n_components=10)
+    assert start_run(site, spec)
+    agreed = spec.resolve((2,) * D, names())
+    post = Summaries(
+        counts=np.array([100.0, 100.0]),
+        sums=np.full((2, D), 50.0),
+        entropy=np.zeros(2),
+        column_totals=np.full(D, 100.0),
+        n_rows=200,
+        prior_dim=10,
+        spec=agreed,
+    )
+    site.client = FedviClient(dict(site.config), RecordDict(), run_id="run1")  # fresh client
+    assert site.ask("label", agreed, post) is None
+    assert site.ask("refine", agreed, post) is None
+    lines = Ledger(str(tmp_path / "site" / "out" / ".fedvi-state")).entries()
+    got = [(e["phase"], e["decision"], e.get("rule")) for e in lines]
+    assert got == [
+        ("preflight", "released", None),
+        ("local", "released", None),
+        ("label", "refused", "allow-labels"),
+        ("refine", "refused", "dp-useful-release"),
+    ]
+    assert all(len(e["request_sha256"]) == 64 for e in lines)

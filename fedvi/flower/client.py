@@ -96,7 +96,8 @@ def labels_path(output_dir: str, site: int) -> str:
 class FedviClient(NumPyClient):
     """One site. ``node_config``: the SuperNode's config (``partition-id`` and the
     :class:`SitePolicy` keys); ``state``: the persistent context state (keeps what later phases
-    need: the local fit's source for map labels, the privacy accountant); ``policy``: overrides
+    need: the local fit's source for map labels; the budget and caps live in the site's
+    ledger, :mod:`fedvi.gate`); ``policy``: overrides
     the policy read from the node config (the simulation's built-in sites); ``run_id``: the
     Flower run (the ledger's per-run caps; a fresh id when not given); ``noise_rng``: the site's
     own noise generator (tests inject one; default OS entropy, never a request's seed)."""
@@ -122,6 +123,7 @@ class FedviClient(NumPyClient):
         self.run_id, self.noise_rng = run_id, noise_rng
         self.gate: SiteGate | None = None
         self._sha: str | None = None
+        self._req: Request | None = None
 
     # --- what the site reads and writes (its policy decides) ----------------------------
     def _sim(self, req: Request) -> dict:
@@ -208,7 +210,7 @@ class FedviClient(NumPyClient):
         t0 = time.perf_counter()
         try:
             self._sha = request_sha256(parameters, config)  # issue 15: the ledger's request hash
-            req = decode_request(parameters, config)
+            req = self._req = decode_request(parameters, config)
             handler = {
                 Phase.PREFLIGHT: self._preflight,
                 Phase.LOCAL: self._local,
@@ -233,13 +235,13 @@ class FedviClient(NumPyClient):
 
     def _log_refusal(self, phase: str, exc: BaseException) -> None:
         """issue 15 hook: a refusal raised outside the gate goes to the ledger too."""
-        if self.gate is None or not isinstance(exc, PolicyRefusal):
+        if not isinstance(exc, PolicyRefusal) or getattr(exc, "logged", False):
             return
-        if getattr(exc, "logged", False):
+        if self._req is None:
             return
         try:
-            self.gate.log_refusal(phase, exc, self._sha)
-        except LedgerError:
+            self._gate(self._req).log_refusal(phase, exc, self._sha)
+        except Exception:  # a refusal before the site knows its state folder: log only
             log(ERROR, "%s: the ledger could not log a refusal", self.name)
 
     # --- phases -------------------------------------------------------------------------------
