@@ -242,10 +242,13 @@ def refine_differencing(site, spec, runs=5, rounds=120, server=None):
     return candidates
 
 
-def label_differencing(site, spec, runs=5, rounds=160, server=None, repeats=1):
+def label_differencing(
+    site, spec, runs=5, rounds=160, server=None, repeats=1, run_per_count=False, pairs_max=3
+):
     """Threshold differencing over label rounds: isolate a row by counts, then read each
-    variable from two more counts with ``u + big e_d`` (``repeats``: majority of repeated
-    counts, for noise the server can shrink)."""
+    variable from two more counts with ``u + big e_d``. ``repeats``: the median of repeated
+    counts (noise the server shrank); ``run_per_count``: a new run for every count (a site
+    whose budget allows one release per run)."""
     u = weights()
     big = u.sum() + 1
     srv = server or ServerOptions(refine_rounds=2000, min_cluster_size=1)
@@ -255,12 +258,18 @@ def label_differencing(site, spec, runs=5, rounds=160, server=None, repeats=1):
             break
 
         def count(w, T):
-            got = [label_count(site, spec, w, T, srv) for _ in range(repeats)]
+            got = []
+            for _ in range(repeats):
+                if run_per_count:
+                    site.new_run()
+                    if not start_run(site, spec, srv):
+                        break
+                got.append(label_count(site, spec, w, T, srv))
             got = [g for g in got if g is not None]
             return None if not got else int(np.median(got))
 
         pairs, spent = isolate(lambda T: count(u, T), 0.5, u.sum() - 0.5, rounds // 2)
-        for a, b in pairs[:3]:
+        for a, b in pairs[:pairs_max]:
             bits = []
             for d in range(len(u)):
                 w = u.copy()
@@ -308,10 +317,12 @@ def test_refine_threshold_differencing_with_the_default_node_config(tmp_path):
 @pytest.mark.slow
 def test_refine_threshold_differencing_against_a_large_site(tmp_path):
     """The same against a site that refines under its budget (8,000 rows, ``dp-epsilon=4``):
-    every release is noisy and each run has at most five refine releases. Before: whole rows
-    from the first isolated pairs."""
+    every release is noisy and each run has at most five refine releases. Before (the default
+    node config of then: no noise): whole rows."""
     X = table(n=8000, seed=5)
-    site = Site(tmp_path, X, {"dp-epsilon": 4.0})
+    # Before issue 15 the default node config had no noise; now a site of this size refines
+    # only with a larger budget than the default (ε 1 makes it decline), so it sets 4.
+    site = Site(tmp_path, X, {"dp-epsilon": 4.0} if _new_api() else {})
     found = refine_differencing(site, hostile_spec(), runs=3, rounds=60)
     assert rows_recovered(X, found) == 0
     if _new_api():  # the site did release: noise, not a refusal, is what protected it
@@ -412,15 +423,18 @@ def test_noise_is_not_regenerated_from_the_request_seed(tmp_path):
 
 @pytest.mark.slow
 def test_server_chosen_delta_and_round_counts(tmp_path):
-    """The server asks for ``dp_delta=0.999999`` and 2,000 rounds of a site that set
-    ``dp-epsilon=4``; repeated label counts, majority-voted, read rows. Before: the site took
-    the server's delta (noise scale 0.35 on a count) and answered every round: whole rows.
-    Now: delta is clamped to the site's (1/N), the run's releases to its cap, and the
-    period's epsilon to ``dp-epsilon-period``."""
+    """The server asks for ``dp_delta=0.999999`` and no refinement (one release per run gets
+    the whole budget) of a site that set ``dp-epsilon=4``, then for as many runs as it likes:
+    each label count is asked five times, in five runs, and the median kept. Before: the site
+    took the server's delta (noise scale 0.35 on a count) and joined every run: whole rows.
+    Now: delta is clamped to the site's (1/N), the runs to ``max-runs``, the releases of a
+    run to its cap, and the period's epsilon to ``dp-epsilon-period``."""
     X = table()
     site = Site(tmp_path, X, {"dp-epsilon": 4.0, "allow-refine": False})
-    srv = ServerOptions(refine_rounds=2000, min_cluster_size=1, dp_delta=0.999999)
-    found = label_differencing(site, hostile_spec(), runs=12, server=srv, repeats=5)
+    srv = ServerOptions(refine_rounds=0, min_cluster_size=1, dp_delta=0.999999)
+    found = label_differencing(
+        site, hostile_spec(), 1, 40, srv, repeats=5, run_per_count=True, pairs_max=2
+    )
     assert rows_recovered(X, found) == 0
     if _new_api():  # what the ledger says the site spent
         from fedvi.ledger import Ledger
