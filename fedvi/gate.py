@@ -196,6 +196,8 @@ class SiteGate:
         plan = planned_releases(self.policy, server)
         if made:
             plan = int(made[0].get("plan") or plan)
+        elif phase == "label":  # labels first (no refinement, or declined): the run's last
+            plan = 1
         self._plan = plan
         if phase == "refine" and self.policy.allow_labels and len(made) + 1 >= plan:
             self.refuse(

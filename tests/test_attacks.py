@@ -302,7 +302,6 @@ def test_crafted_prior_is_refused_and_named(tmp_path):
             site.client.fit(arrays, config)
 
 
-@pytest.mark.slow
 def test_refine_threshold_differencing_with_the_default_node_config(tmp_path):
     """Crafted priors agreed from pre-flight on (``beta=1e-9``), 2,000 refine rounds asked,
     bisection over five runs. Before: 6 whole rows from 120 refine rounds in one run (every
@@ -336,7 +335,6 @@ def released(tmp_path, phase) -> int:
     return sum(e["decision"] == "released" and e["phase"] == phase for e in lines)
 
 
-@pytest.mark.slow
 def test_label_threshold_differencing(tmp_path):
     """Label rounds alone (``allow-refine=false`` too), each suppressed count completed from the
     site's exact ``N``. Before: whole rows (the attack reads each variable of an isolated row).
@@ -421,7 +419,6 @@ def test_noise_is_not_regenerated_from_the_request_seed(tmp_path):
     assert rows_recovered(X, found) == 0
 
 
-@pytest.mark.slow
 def test_server_chosen_delta_and_round_counts(tmp_path):
     """The server asks for ``dp_delta=0.999999`` and no refinement (one release per run gets
     the whole budget) of a site that set ``dp-epsilon=4``, then for as many runs as it likes:
