@@ -10,6 +10,7 @@ per site).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -148,17 +149,20 @@ def federated_fit(
         check_request(spec, p)
     spec, encoded = shared_spec(tables, spec)
     result = FederatedResult(label_mode=server.label_mode)
-    gates = site_gates(policies, noise_rng)
+    gates = site_gates(policies, ids, noise_rng)
     fits = _fit_sites(result, encoded, spec, policies, ids, fit, server, seed, gates)
     merged = global_merge([f.summaries for f in fits], server.merge_mode, site_ids=ids)
     _finish(result, merged, fits, encoded, policies, ids, server, fit, gates)
     return result
 
 
-def site_gates(policies: Sequence[SitePolicy], noise_rng=None) -> list[SiteGate]:
-    """issue 15: each site's release gate for one in-process run (its ledger in its
-    ``state_dir``, else in memory; noise from ``noise_rng`` or OS entropy)."""
-    return [SiteGate(p, Ledger(p.state_dir), rng=noise_rng) for p in policies]
+def site_gates(policies: Sequence[SitePolicy], ids, noise_rng=None) -> list[SiteGate]:
+    """issue 15: each site's release gate for one in-process run (its ledger in
+    ``<state_dir>/site<id>``, else in memory; noise from ``noise_rng`` or OS entropy)."""
+    return [
+        SiteGate(p, Ledger(p.state_dir and os.path.join(p.state_dir, f"site{s}")), rng=noise_rng)
+        for p, s in zip(policies, ids, strict=True)
+    ]
 
 
 def _fit_sites(result, encoded, spec, policies, ids, fit, server, seed, gates) -> list:
@@ -308,7 +312,7 @@ def extend(
         check_request(spec, p)
     encoded = [encode(X, spec, source=f"site {s}") for X, s in zip(tables, ids, strict=True)]
     result = FederatedResult(label_mode="posterior")
-    gates = site_gates(policies, noise_rng)
+    gates = site_gates(policies, ids, noise_rng)
     fits = _fit_sites(result, encoded, spec, policies, ids, fit, server, seed, gates)
     merged = global_merge(
         [f.summaries for f in fits],

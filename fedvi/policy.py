@@ -119,9 +119,9 @@ class SitePolicy:
     )
     state_dir: str | None = setting(
         None,
-        "the site's own state folder (one per site), where its release ledger (ledger.jsonl) "
-        "lives; None: <output-dir>/.fedvi-state for a deployed site, kept in memory by "
-        "federated_fit",
+        "the site's own state folder, where its release ledger (ledger.jsonl) lives; None: "
+        "<output-dir>/.fedvi-state/site<partition-id> (federated_fit: in memory; given, "
+        "<state-dir>/site<id> per site)",
         Optional(Text()),
     )
     data_path: str | None = setting(None, "the site's table (deployment)", Optional(Text()))

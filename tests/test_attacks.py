@@ -331,7 +331,7 @@ def test_refine_threshold_differencing_against_a_large_site(tmp_path):
 def released(tmp_path, phase) -> int:
     from fedvi.ledger import Ledger
 
-    lines = Ledger(str(tmp_path / "site" / "out" / ".fedvi-state")).entries()
+    lines = Ledger(str(tmp_path / "site" / "out" / ".fedvi-state" / "site1")).entries()
     return sum(e["decision"] == "released" and e["phase"] == phase for e in lines)
 
 
@@ -436,7 +436,7 @@ def test_server_chosen_delta_and_round_counts(tmp_path):
     if _new_api():  # what the ledger says the site spent
         from fedvi.ledger import Ledger
 
-        lines = Ledger(str(tmp_path / "site" / "out" / ".fedvi-state")).entries()
+        lines = Ledger(str(tmp_path / "site" / "out" / ".fedvi-state" / "site1")).entries()
         released = [e for e in lines if e["decision"] == "released" and e.get("rho")]
         assert released and max(e["delta"] for e in released) <= 1 / len(X)
         runs = {e["run"] for e in released}
@@ -493,7 +493,7 @@ def test_every_release_and_refusal_is_in_the_ledger(tmp_path):
     site.client = FedviClient(dict(site.config), RecordDict(), run_id="run1")  # fresh client
     assert site.ask("label", agreed, post) is None
     assert site.ask("refine", agreed, post) is None
-    lines = Ledger(str(tmp_path / "site" / "out" / ".fedvi-state")).entries()
+    lines = Ledger(str(tmp_path / "site" / "out" / ".fedvi-state" / "site1")).entries()
     got = [(e["phase"], e["decision"], e.get("rule")) for e in lines]
     assert got == [
         ("preflight", "released", None),

@@ -156,8 +156,12 @@ class FedviClient(NumPyClient):
         return os.path.dirname(os.path.abspath(self.data_path(req)))
 
     def state_dir(self, req: Request) -> str:
-        """The site's own state folder (its ledger): the node config's, else under its output."""
-        return self.policy.state_dir or os.path.join(self.output_dir(req), ".fedvi-state")
+        """The site's own state folder (its ledger): the node config's, else
+        ``<output-dir>/.fedvi-state/site<id>`` (sites that share an output folder, as the
+        simulation's do, keep separate ledgers)."""
+        if self.policy.state_dir:
+            return self.policy.state_dir
+        return os.path.join(self.output_dir(req), ".fedvi-state", f"site{self.partition_id}")
 
     def _gate(self, req: Request) -> SiteGate:
         # issue 15 hook: one gate per client (run); its ledger lives in the site's state folder
