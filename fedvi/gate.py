@@ -59,6 +59,7 @@ class SiteGate:
         self.ledger = ledger
         self.run = str(run_id) if run_id is not None else uuid.uuid4().hex
         self.rng = site_entropy(rng)
+        self._plan = 1  # the plan of the release being made (set by aggregate)
 
     # -- ledger views ------------------------------------------------------------------------
     def _period(self) -> list[dict]:

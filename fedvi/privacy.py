@@ -54,10 +54,6 @@ def gaussian_sigma(sensitivity: float, rho: float) -> float:
     return sensitivity / math.sqrt(2.0 * rho)
 
 
-class BudgetExhausted(RuntimeError):
-    """A release would exceed the site's privacy budget."""
-
-
 def site_entropy(rng: np.random.Generator | None = None) -> np.random.Generator:
     """The generator that draws a site's noise: ``rng`` when the site injects its own (tests),
     else a fresh one from the operating system's entropy. A seed is refused: nothing that a

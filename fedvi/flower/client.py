@@ -14,6 +14,10 @@ releases; the round config only asks. Each round (:mod:`fedvi.protocol`):
 - ``label``: writes its labels to ``<output-dir>/labels_site<id>.csv`` on the site and returns
   only counts per global cluster, those below its floor suppressed.
 
+Every release and refusal passes the site's release gate (:mod:`fedvi.gate`): the agreed model,
+the caps and the privacy budget, read from the site's ledger in its state folder; the noise
+comes from the site's own entropy.
+
 A failure is logged in full on the site; the server gets only a :class:`fedvi.protocol.SiteError`
 naming the phase, the site and the rule or the kind of problem (never a value, header, path or
 row number).
@@ -43,7 +47,6 @@ from fedvi.labels import label_rows, map_labels, release_label_counts, release_r
 from fedvi.ledger import Ledger, LedgerError, request_sha256
 from fedvi.options import FitOptions
 from fedvi.policy import PolicyRefusal, SitePolicy, check_posterior, check_request
-from fedvi.privacy import BudgetExhausted
 from fedvi.protocol import (
     K_PHASE,
     K_PROTOCOL,
@@ -81,8 +84,6 @@ def safe_reason(exc: BaseException) -> str:
         return f"the site's table failed validation ({kind}); details are in the site's log"
     if isinstance(exc, (InvalidSetting, ProtocolError)):
         return f"invalid request: {exc}"  # about the server's own values
-    if isinstance(exc, BudgetExhausted):
-        return "refused: the site's privacy budget is spent"
     if isinstance(exc, LedgerError):
         return "refused: the site's release ledger is not available; details are in its log"
     return f"internal error ({type(exc).__name__}); details are in the site's log"
