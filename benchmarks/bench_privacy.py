@@ -5,6 +5,14 @@ epsilon, over seeds. Prints a Markdown table and writes ``privacy.png``.
     python benchmarks/bench_privacy.py                    # sim4 + categorical a, seeds 0-2
     python benchmarks/bench_privacy.py --quick            # sim4, seed 0, epsilon 1 and 8
     python benchmarks/bench_privacy.py --out /tmp/priv    # where privacy.png goes
+    python benchmarks/bench_privacy.py --rows 1000 10000 100000   # the default-epsilon table
+
+``--rows``: ARI and exact ELBO against epsilon and rows per site on the presets (each site's
+default policy but its ``dp_epsilon``; ``noiseless``: ``dp_epsilon=None``). ``forced``: every
+site refines whatever its size; ``default``: a site too small for its budget declines
+refinement (``fedvi.privacy.refinement_useful``). ``rows/sigma``: a site's rows over the noise
+scale of one cluster's sums in one refinement release (the rule's figure). This is the table
+in docs/privacy.md that chose ``SitePolicy.dp_epsilon``'s default.
 
 - plain: ``fedvi.federated_fit`` (the Flower run gives the same clusters bit for bit).
 - SecAgg+: ``python -m simulations.run ... strategy.secure_aggregation=true`` (Flower's
@@ -76,12 +84,93 @@ def secagg_run(overrides, seed: int, out: str):
         return json.load(fh)
 
 
+RATE_EPSILONS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def rows_table(rows_per_site, seeds, epsilons=RATE_EPSILONS, presets=PRESETS) -> None:
+    """Print the epsilon x rows-per-site table (Markdown) on ``presets``."""
+    import fedvi.privacy as privacy
+    from fedvi.policy import SitePolicy
+
+    useful = privacy.USEFUL_ROWS_PER_SIGMA
+    print(
+        "| preset | rows/site | epsilon | rows/sigma | ARI noiseless | ARI DP forced | "
+        "dARI forced | ARI DP default | dARI default | ELBO gap forced (per row) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, overrides in presets.items():
+        for n in rows_per_site:
+            res = {}
+            for seed in seeds:
+                sites_n = compose_config("config", [*overrides, f"seed={seed}"]).federation.sites
+                cfg = compose_config(
+                    "config", [*overrides, f"seed={seed}", f"data.n_rows={n * int(sites_n)}"]
+                )
+                sites, truth, _ = load_sites(cfg)
+                s = RunSettings.from_cfg(cfg)
+                z = np.concatenate(truth)
+                D = sites[0].shape[1]
+                kw = {
+                    "likelihood": s.spec.likelihood,
+                    "n_components": s.spec.n_components,
+                    "refine_rounds": ROUNDS,
+                    "seed": seed,
+                }
+                total = sum(x.shape[0] for x in sites)
+
+                def run(eps, rule, seed=seed, sites=sites, z=z, kw=kw, total=total):
+                    pol = SitePolicy(dp_epsilon=eps, dp_epsilon_period=max(4.0, eps or 4.0))
+                    privacy.USEFUL_ROWS_PER_SIGMA = rule
+                    try:
+                        r = fedvi.federated_fit(
+                            sites, policy=pol, noise_rng=np.random.default_rng(seed), **kw
+                        )
+                    finally:
+                        privacy.USEFUL_ROWS_PER_SIGMA = useful
+                    ari = adjusted_rand_index(z, np.concatenate(r.labels))
+                    return ari, exact_elbo(r.posterior, sites) / total
+
+                base = run(None, useful)
+                res.setdefault("plain", []).append(base)
+                for eps in epsilons:
+                    srv = fedvi.ServerOptions(refine_rounds=ROUNDS)
+                    pol = SitePolicy(dp_epsilon=eps, dp_epsilon_period=max(4.0, eps))
+                    delta = min(1.0 / n, srv.dp_delta)  # the site's 1/N, lowered by the run's
+                    rho = privacy.rho_for(eps, delta) / privacy.planned_releases(pol, srv)
+                    sigma = privacy.gaussian_sigma(np.sqrt(D), rho / privacy.refine_blocks())
+                    forced = run(eps, 0.0)
+                    declines = not privacy.refinement_useful(n, D, rho)
+                    default = run(eps, useful) if declines else forced
+                    res.setdefault(eps, []).append((forced, default, n / sigma))
+                print(f"{name} {n} seed {seed} done", file=sys.stderr, flush=True)
+            plain_ari = np.mean([b[0] for b in res["plain"]])
+            plain_elbo = np.mean([b[1] for b in res["plain"]])
+            for eps in epsilons:
+                f_ari = np.mean([r[0][0] for r in res[eps]])
+                f_elbo = np.mean([r[0][1] for r in res[eps]])
+                d_ari = np.mean([r[1][0] for r in res[eps]])
+                ratio = res[eps][0][2]
+                print(
+                    f"| {name} | {n} | {eps:g} | {ratio:.0f} | {plain_ari:.4f} | {f_ari:.4f} | "
+                    f"{f_ari - plain_ari:+.4f} | {d_ari:.4f} | {d_ari - plain_ari:+.4f} | "
+                    f"{f_elbo - plain_elbo:+.4f} |",
+                    flush=True,
+                )
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=".")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--rows", type=int, nargs="+", default=None, help="rows per site (table)")
+    p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    p.add_argument("--epsilons", type=float, nargs="+", default=list(RATE_EPSILONS))
     args = p.parse_args(argv)
+    if args.rows:
+        presets = {k: PRESETS[k] for k in args.presets}
+        rows_table(args.rows, args.seeds, args.epsilons, presets)
+        return
     presets = {"sim4": PRESETS["sim4"]} if args.quick else PRESETS
     epsilons = (1.0, 8.0) if args.quick else EPSILONS
     seeds = [0] if args.quick else args.seeds
@@ -98,7 +187,8 @@ def main(argv=None) -> None:
                 "refine_rounds": ROUNDS,
                 "seed": seed,
             }
-            plain = fedvi.federated_fit(sites, **kw)
+            noiseless = fedvi.SitePolicy(dp_epsilon=None)
+            plain = fedvi.federated_fit(sites, policy=noiseless, **kw)
             rows.append(
                 (
                     name,
@@ -115,7 +205,8 @@ def main(argv=None) -> None:
             rel = abs(sec["elbo"] - plain.elbo) / abs(plain.elbo)
             rows.append((name, seed, "SecAgg+", sec["ari"], float("nan"), sec["n_clusters"], rel))
             for eps in epsilons:
-                dp = fedvi.federated_fit(sites, dp_epsilon=eps, **kw)
+                pol = fedvi.SitePolicy(dp_epsilon=eps, dp_epsilon_period=max(4.0, eps))
+                dp = fedvi.federated_fit(sites, policy=pol, **kw)
                 rows.append(
                     (
                         name,

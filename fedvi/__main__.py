@@ -1,6 +1,8 @@
-"""``python -m fedvi``: label a site's rows with a fitted model, or run a quick in-process demo.
+"""``python -m fedvi``: label a site's rows with a fitted model, print a site's release ledger,
+or run a quick in-process demo.
 
     python -m fedvi label --model model.npz --data new.csv --out labels.csv
+    python -m fedvi ledger --state-dir /secure/fedvi-state
     python -m fedvi demo --sites 5 --rows 10000
     python -m fedvi app-hash path/to/fedvi-app
     python -m fedvi site --app-sha256 <hash> --superlink host:port --port 9094 --node-config ...
@@ -8,7 +10,9 @@
 ``label`` runs on the site, on its own rows only: it reads the model file (the global
 posterior, no data), validates the table against the model's schema (columns matched by name
 where the file has a header) and writes each row's global cluster. ``demo`` (the default)
-clusters a built-in simulated study over several sites in one process. ``app-hash`` prints the
+clusters a built-in simulated study over several sites in one process. ``ledger`` prints the
+site's audit log (one line per release and refusal, :mod:`fedvi.ledger`) as a table, with the
+totals of the last period (releases, refusals, runs, epsilon spent). ``app-hash`` prints the
 sha256 of the Flower app bundle built from an app folder (what ``flwr run`` ships); ``site``
 runs the site's SuperNode so that it runs only the app with that hash (docs/app-pin.md; every
 option after ``--app-sha256`` goes to ``flower-supernode``).
@@ -65,6 +69,32 @@ def label(args) -> int:
         f"fedvi label: {len(labels)} rows of {args.data} labelled with the {model.n_clusters} "
         f"clusters of {args.model} in {time.perf_counter() - t:.2f} s "
         f"({int((used > 0).sum())} clusters used; model {digest}); written to {out}"
+    )
+    return 0
+
+
+def ledger(args) -> int:
+    from fedvi.ledger import LEDGER_FILE, Ledger, LedgerError, format_table, totals
+    from fedvi.privacy import epsilon_for
+
+    path = os.path.join(args.state_dir, LEDGER_FILE)
+    if not os.path.exists(path):
+        print(f"fedvi ledger: no ledger at {path}", file=sys.stderr)
+        return 2
+    book = Ledger(args.state_dir)
+    try:
+        entries = book.entries()
+        recent = book.since(args.period_days * 86400.0)
+    except LedgerError as exc:
+        print(f"fedvi ledger: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(entries))
+    t = totals(recent)
+    deltas = [e["delta"] for e in recent if e.get("delta")]
+    eps = epsilon_for(t["rho"], max(deltas)) if deltas and t["rho"] > 0 else 0.0
+    print(
+        f"\nlast {args.period_days:g} days: {t['releases']} releases, {t['refusals']} refusals, "
+        f"{t['runs']} runs; epsilon spent {eps:.3g} (zCDP rho {t['rho']:.3g})"
     )
     return 0
 
@@ -139,6 +169,9 @@ def main(argv=None) -> int:
         default=None,
         help="how to treat missing cells (default: as the model was fitted)",
     )
+    led = sub.add_parser("ledger", help="print a site's release ledger as a table (on the site)")
+    led.add_argument("--state-dir", required=True, help="the site's state folder (state-dir)")
+    led.add_argument("--period-days", type=float, default=30.0, help="period of the totals")
     dem = sub.add_parser("demo", help="cluster a simulated study over several sites, in process")
     dem.add_argument("--rows", type=int, default=10_000)
     dem.add_argument("--clusters", type=int, default=8)
@@ -161,9 +194,8 @@ def main(argv=None) -> int:
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["demo", *argv]
     args = p.parse_args(argv)
-    if args.command == "app-hash":
-        return app_hash(args)
-    return label(args) if args.command == "label" else demo(args)
+    commands = {"label": label, "ledger": ledger, "app-hash": app_hash}
+    return commands.get(args.command, demo)(args)
 
 
 if __name__ == "__main__":

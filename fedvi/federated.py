@@ -11,6 +11,7 @@ privacy, when each site's noise generator is the same).
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -66,10 +67,19 @@ def _rngs(rng, n_sites: int) -> list:
 
 
 def agents_for(tables, ids, policies, rngs=None) -> dict[int, SiteAgent]:
-    """One :class:`SiteAgent` per site over in-memory tables."""
+    """One :class:`SiteAgent` per site over in-memory tables, for one run: each site's ledger
+    in ``<policy.state_dir>/site<id>`` when its policy names a state folder (caps and budget
+    then hold across calls), else in memory (they hold within the call)."""
     rngs = rngs or [None] * len(ids)
     return {
-        s: SiteAgent(s, X, p, rng=r) for X, s, p, r in zip(tables, ids, policies, rngs, strict=True)
+        s: SiteAgent(
+            s,
+            X,
+            p,
+            rng=r,
+            state_dir=os.path.join(p.state_dir, f"site{s}") if p.state_dir else None,
+        )
+        for X, s, p, r in zip(tables, ids, policies, rngs, strict=True)
     }
 
 

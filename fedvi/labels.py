@@ -11,7 +11,7 @@ import numpy as np
 
 from fedvi.data import EncodedData
 from fedvi.options import FitOptions
-from fedvi.privacy import Accountant, apply_floor, noisy_counts, noisy_release, suppress_counts
+from fedvi.privacy import apply_floor, noisy_counts, noisy_release, suppress_counts
 from fedvi.summaries import Summaries
 from fedvi.vi import Problem, run_pass, source_of
 
@@ -100,29 +100,32 @@ def release_refinement(
     posterior: Summaries,
     floor: int,
     options: FitOptions | None = None,
-    accountant: Accountant | None = None,
+    rho: float | None = None,
     rng: np.random.Generator | None = None,
 ) -> Summaries:
     """What a site releases in a refinement round: its :func:`refinement_stats` under its
-    floor, or, with a privacy ``accountant``, the unrestricted statistics with noise (one
-    release of the budget) and the floor applied to the noisy counts."""
-    stats = refinement_stats(data, posterior, floor, options, restrict=accountant is None)
-    if accountant is None:
+    floor, or, at ``rho``-zCDP (the share of its budget its gate granted, :mod:`fedvi.gate`),
+    the unrestricted statistics with noise from the site's own generator ``rng`` (default OS
+    entropy) and the floor applied to the noisy counts."""
+    stats = refinement_stats(data, posterior, floor, options, restrict=rho is None)
+    if rho is None:
         return stats
-    return noisy_release(stats, accountant.spend(), rng, floor)
+    return noisy_release(stats, rho, floor, rng)
 
 
 def release_label_counts(
     labels: np.ndarray,
     n_clusters: int,
     floor: int,
-    accountant: Accountant | None = None,
+    rho: float | None = None,
     rng: np.random.Generator | None = None,
     marker: int = -1,
 ) -> np.ndarray:
-    """``(G,)`` label counts as a site releases them: with noise under a privacy ``accountant``
-    (one release of the budget), then counts below the floor replaced by ``marker``."""
+    """``(G,)`` label counts as a site releases them: at ``rho``-zCDP with noise from the
+    site's own generator, then counts below the floor replaced by ``marker``; without noise
+    (``rho=None``, the site's opt-out), exact counts with secondary suppression so that no
+    suppressed count follows from the site's row count."""
     counts = label_counts(labels, n_clusters)
-    if accountant is not None:
-        counts = noisy_counts(counts, accountant.spend(), rng, len(labels))
-    return suppress_counts(counts, floor, marker)
+    if rho is not None:
+        counts = noisy_counts(counts, rho, len(labels), rng)
+    return suppress_counts(counts, floor, marker, secondary=rho is None)

@@ -24,8 +24,20 @@ from fedvi.settings import (
     setting,
 )
 
+#: The default total epsilon per run of a site (measured: docs/privacy.md, bench_privacy.py).
+DEFAULT_EPSILON = 1.0
+
 #: Node-config keys that Flower itself sets or that name the site rather than its policy.
 NODE_IDENTITY_KEYS = ("partition-id", "num-partitions")
+
+
+class OptOut(Optional):
+    """``None`` (also written ``'none'`` in a node config) or what ``inner`` allows."""
+
+    def __call__(self, value):
+        if isinstance(value, str) and value.strip().lower() in ("none", "null"):
+            return None
+        return super().__call__(value)
 
 
 class PolicyRefusal(Exception):
@@ -79,15 +91,51 @@ class SitePolicy:
         Interval(float, 0.5, 1.0),
     )
     dp_epsilon: float | None = setting(
-        None,
-        "this site adds Gaussian noise to its aggregate-round releases so that they are "
-        "(epsilon, delta)-DP at this total epsilon or less, whatever the server asks",
-        Optional(EPSILON),
+        DEFAULT_EPSILON,
+        "total epsilon of the (epsilon, delta)-DP guarantee of this site's aggregate releases "
+        "in one run (refinement statistics and label counts carry Gaussian noise from the "
+        "site's own entropy); the server may only lower it. 'none' (None): no noise, for a "
+        "site that trusts the coordinator (docs/privacy.md: what the opt-out does not protect)",
+        OptOut(EPSILON),
     )
     dp_delta: float | None = setting(
         None,
-        "largest delta of the (epsilon, delta) guarantee this site accepts; None: the server's",
+        "largest delta of the (epsilon, delta) guarantee; None: 1/N (N the site's rows); the "
+        "server may only lower it (a larger delta from the server is clamped to this one)",
         Optional(DELTA),
+    )
+    dp_epsilon_period: float = setting(
+        4.0,
+        "total epsilon of all this site's aggregate releases, over every run of one period "
+        "(read from the release ledger, so it holds across runs and restarts)",
+        EPSILON,
+    )
+    max_aggregate_releases: int = setting(
+        6,
+        "most aggregate releases (refinement rounds + label rounds) this site makes in one run",
+        Interval(int, 1),
+    )
+    max_runs: int = setting(
+        10,
+        "most runs (distinct run ids with a local fit) this site joins in one period",
+        Interval(int, 1),
+    )
+    max_local_fits: int = setting(
+        10,
+        "most local fits (one-shot summaries) this site releases in one period",
+        Interval(int, 1),
+    )
+    period_days: float = setting(
+        30.0,
+        "length of the period of max-runs, max-local-fits and dp-epsilon-period, in days",
+        Interval(float, 0, open_low=True),
+    )
+    state_dir: str | None = setting(
+        None,
+        "the site's own state folder, where its release ledger (ledger.jsonl) lives; None: "
+        "<output-dir>/.fedvi-state/site<partition-id> (federated_fit: in memory; given, "
+        "<state-dir>/site<id> per site)",
+        Optional(Text()),
     )
     data_path: str | None = setting(None, "the site's table (deployment)", Optional(Text()))
     label_column: str | None = setting(
@@ -138,12 +186,14 @@ class SitePolicy:
             )
         return cls(**values)
 
-    def summary(self) -> dict[str, Any]:
-        """What the site tells the server in pre-flight (rules only: no paths)."""
+    def summary(self, refine_declined: bool = False) -> dict[str, Any]:
+        """What the site tells the server in pre-flight (rules only: no paths);
+        ``refine_declined``: the site is too small for its privacy budget to refine
+        (:func:`fedvi.privacy.refinement_useful`), so it reports ``allow_refine`` false."""
         return {
             "min_cluster_size": self.min_cluster_size,
             "max_components": self.max_components,
-            "allow_refine": self.allow_refine,
+            "allow_refine": self.allow_refine and not refine_declined,
             "allow_labels": self.allow_labels,
             "require_secure_aggregation": self.require_secure_aggregation,
             "secagg_min_sites": self.secagg_min_sites,
@@ -194,3 +244,31 @@ def check_posterior(posterior, policy: SitePolicy) -> None:
         raise PolicyRefusal("posterior", "the posterior's sums exceed its counts")
     if s.relevance is not None and ((s.relevance < 0) | (s.relevance > 1)).any():
         raise PolicyRefusal("posterior", "relevance outside [0, 1]")
+
+
+def check_agreed_model(posterior, agreed: Mapping[str, Any] | None) -> None:
+    """Refuse a refine or label posterior whose model is not the one agreed in this run's
+    local fit (``agreed``: the resolved :class:`fedvi.MixtureSpec` as a dict, from the site's
+    ledger). Every setting counts (priors ``alpha0``/``beta``/``relevance_prior``, ``n_components``,
+    likelihood, levels, variables, variable selection, missing cells): a posterior with a
+    crafted prior (``beta=1e-9`` makes a cluster score any linear function of a row) is
+    refused by the rule ``agreed-model``, naming the settings that differ (never a value). The
+    prior dimension must be a multiple of the agreed ``n_components`` (one ``K_init`` per site).
+    """
+    if agreed is None:
+        raise PolicyRefusal(
+            "agreed-model", "no local fit of this run has agreed a model with this site"
+        )
+    got = posterior.spec.to_dict()
+    differ = sorted(k for k in set(agreed) | set(got) if agreed.get(k) != got.get(k))
+    if differ:
+        raise PolicyRefusal(
+            "agreed-model",
+            "the posterior's model differs from the one agreed in this run's local fit "
+            f"(settings {differ})",
+        )
+    k0 = int(agreed["n_components"])
+    if posterior.prior_dim % k0 != 0:
+        raise PolicyRefusal(
+            "agreed-model", "the posterior's prior dimension is not a multiple of n_components"
+        )

@@ -8,7 +8,8 @@ Two mechanisms, both applied by the site to its own releases:
   to global clusters that own at least the floor of them (:func:`fedvi.labels.refinement_stats`);
   label counts below it are suppressed; with missing cells, an observed count ``O_kd`` below it
   is released as "not observed" (:func:`apply_floor`).
-- **Gaussian noise** (optional) on the aggregate rounds (refinement statistics, label counts),
+- **Gaussian noise** (on by default, :class:`fedvi.SitePolicy` ``dp_epsilon``) on the
+  aggregate rounds (refinement statistics, label counts),
   calibrated per row and accounted with zero-concentrated DP (zCDP): one row adds at most 1 to
   the counts (its responsibilities sum to 1), at most ``sqrt(D)`` in L2 norm to the sums and
   the observed counts (``||r ⊗ x|| <= ||x||``), and at most ``log G`` to the entropies. Each
@@ -16,12 +17,16 @@ Two mechanisms, both applied by the site to its own releases:
   ``(epsilon, delta)`` follows from ``epsilon = rho + 2 sqrt(rho log(1/delta))``. The floor is
   then applied to the *noisy* counts (post-processing keeps the guarantee). The one-shot local
   summaries are NOT protected by noise: only the floor protects them.
+
+The noise is drawn from the site's own entropy (:func:`site_entropy`), never from a request;
+the budget of each release is granted by the site's release gate (:mod:`fedvi.gate`) from its
+ledger, across runs.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -49,60 +54,18 @@ def gaussian_sigma(sensitivity: float, rho: float) -> float:
     return sensitivity / math.sqrt(2.0 * rho)
 
 
-@dataclass
-class Accountant:
-    """A site's privacy budget over the aggregate rounds of one run.
-
-    ``epsilon``/``delta``: the total guarantee; ``releases``: how many aggregate releases the run
-    plans (fixed at the first release, so a server cannot stretch the budget by re-announcing a
-    shorter plan). Each release spends ``rho_total / releases``.
-    """
-
-    epsilon: float
-    delta: float
-    releases: int
-    spent_rho: float = 0.0
-    made: int = 0
-
-    @property
-    def rho_total(self) -> float:
-        return rho_for(self.epsilon, self.delta)
-
-    @property
-    def rho_per_release(self) -> float:
-        return self.rho_total / max(self.releases, 1)
-
-    def spend(self) -> float:
-        """The rho of the next release; refuses when the budget would be exceeded."""
-        rho = self.rho_per_release
-        if self.spent_rho + rho > self.rho_total * (1 + 1e-9):
-            raise BudgetExhausted(
-                f"the privacy budget (epsilon {self.epsilon}) is spent after {self.made} releases"
-            )
-        self.spent_rho += rho
-        self.made += 1
-        return rho
-
-    @property
-    def epsilon_spent(self) -> float:
-        return epsilon_for(self.spent_rho, self.delta) if self.spent_rho > 0 else 0.0
-
-    def to_dict(self) -> dict:
-        return {
-            "epsilon": self.epsilon,
-            "delta": self.delta,
-            "releases": self.releases,
-            "spent_rho": self.spent_rho,
-            "made": self.made,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Accountant:
-        return cls(**d)
-
-
-class BudgetExhausted(RuntimeError):
-    """A release would exceed the site's privacy budget."""
+def site_entropy(rng: np.random.Generator | None = None) -> np.random.Generator:
+    """The generator that draws a site's noise: ``rng`` when the site injects its own (tests),
+    else a fresh one from the operating system's entropy. A seed is refused: nothing that a
+    request carries may decide the noise (a coordinator that knows the seed subtracts it)."""
+    if rng is None:
+        return np.random.default_rng()
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(
+            "the site's noise comes from its own entropy: give a numpy Generator the site "
+            f"owns (or None for OS entropy), not {type(rng).__name__}"
+        )
+    return rng
 
 
 def tighter(site: float | None, server: float | None) -> float | None:
@@ -111,14 +74,47 @@ def tighter(site: float | None, server: float | None) -> float | None:
     return min(given) if given else None
 
 
-def site_accountant(policy: SitePolicy, server: ServerOptions) -> Accountant | None:
-    """A site's budget for one run (``None`` without DP): the tighter of its own and the run's
-    ``(epsilon, delta)``, in equal shares over the ``refine_rounds`` refinement releases and the
-    label counts."""
-    eps = tighter(policy.dp_epsilon, server.dp_epsilon)
-    if eps is None:
+def site_delta(policy_delta: float | None, n_rows: int) -> float:
+    """The site's own delta: its policy's, else ``1/N`` (``N`` its rows)."""
+    return float(policy_delta) if policy_delta is not None else 1.0 / max(int(n_rows), 2)
+
+
+def run_budget(
+    policy: SitePolicy, server: ServerOptions, n_rows: int
+) -> tuple[float, float] | None:
+    """``(epsilon, delta)`` of one run at this site, ``None`` when it opted out of noise
+    (``dp-epsilon=none``). The server may only lower either: a larger epsilon or delta from
+    the server is clamped to the site's (never raised)."""
+    if policy.dp_epsilon is None:
         return None
-    return Accountant(eps, tighter(policy.dp_delta, server.dp_delta), server.refine_rounds + 1)
+    eps = tighter(policy.dp_epsilon, server.dp_epsilon)
+    delta = tighter(site_delta(policy.dp_delta, n_rows), server.dp_delta)
+    return float(eps), float(delta)
+
+
+def planned_releases(policy: SitePolicy, server: ServerOptions) -> int:
+    """Aggregate releases a run plans: its refinement rounds and the label round, at most the
+    site's ``max-aggregate-releases``."""
+    return max(1, min(server.refine_rounds + 1, policy.max_aggregate_releases))
+
+
+def refine_blocks(n_missing_blocks: int = 0) -> int:
+    """Blocks of a refinement release sharing its rho (counts, sums, entropies, observed)."""
+    return 3 + n_missing_blocks
+
+
+#: A refinement release is useful when the site's rows are at least this many times the noise
+#: scale of its per-cluster sums (measured: docs/privacy.md, ``bench_privacy.py --rows``).
+USEFUL_ROWS_PER_SIGMA = 200.0
+
+
+def refinement_useful(n_rows: int, n_features: int, rho_per_release: float) -> bool:
+    """Whether a site of ``n_rows`` rows and ``n_features`` columns gives a useful refinement
+    release at ``rho_per_release``: its rows at least :data:`USEFUL_ROWS_PER_SIGMA` times the
+    noise scale of one cluster's sums (``sqrt(D) / sqrt(2 rho / 3)``). A smaller site declines
+    refinement (its one-shot statistics stand) rather than send noise."""
+    sigma = gaussian_sigma(math.sqrt(max(n_features, 1)), rho_per_release / refine_blocks())
+    return n_rows >= USEFUL_ROWS_PER_SIGMA * sigma
 
 
 def apply_floor(s: Summaries, floor: int) -> Summaries:
@@ -150,13 +146,17 @@ def apply_floor(s: Summaries, floor: int) -> Summaries:
     return replace(s, sums=sums, observed=observed, column_totals=totals, column_observed=col_obs)
 
 
-def noisy_release(s: Summaries, rho: float, rng: np.random.Generator, floor: int) -> Summaries:
+def noisy_release(
+    s: Summaries, rho: float, floor: int, rng: np.random.Generator | None = None
+) -> Summaries:
     """Gaussian noise on the per-cluster statistics of ``s`` at ``rho``-zCDP (equal shares per
-    block), clamped to valid values, then the floor on the noisy counts (post-processing)."""
+    block), clamped to valid values, then the floor on the noisy counts (post-processing).
+    ``rng``: the site's own generator (:func:`site_entropy`; default OS entropy)."""
+    rng = site_entropy(rng)
     fam = s.spec.family()
     D = fam.n_features
     G = s.n_clusters
-    blocks = 3 + (1 if s.observed is not None else 0)
+    blocks = refine_blocks(1 if s.observed is not None else 0)
     share = rho / blocks
     counts = s.counts + rng.normal(0.0, gaussian_sigma(1.0, share), size=G)
     counts = np.clip(counts, 0.0, float(s.n_rows))
@@ -181,18 +181,41 @@ def noisy_release(s: Summaries, rho: float, rng: np.random.Generator, floor: int
 
 
 def noisy_counts(
-    counts: np.ndarray, rho: float, rng: np.random.Generator, n_rows: int | None = None
+    counts: np.ndarray,
+    rho: float,
+    n_rows: int | None = None,
+    rng: np.random.Generator | None = None,
 ) -> np.ndarray:
-    """Label counts (one row changes one count by 1) with Gaussian noise at ``rho``-zCDP,
-    rounded and clamped to ``[0, n_rows]``."""
+    """Label counts (one row changes one count by 1) with Gaussian noise at ``rho``-zCDP from
+    the site's own generator, rounded and clamped to ``[0, n_rows]``. Their total is not the
+    site's ``N``, so a suppressed count cannot be completed from it."""
+    rng = site_entropy(rng)
     noisy = counts + rng.normal(0.0, gaussian_sigma(1.0, rho), size=counts.shape)
     top = np.inf if n_rows is None else n_rows
     return np.clip(np.rint(noisy), 0, top).astype(np.int64)
 
 
-def suppress_counts(counts: np.ndarray, floor: int, marker: int = -1) -> np.ndarray:
+def suppress_counts(
+    counts: np.ndarray, floor: int, marker: int = -1, secondary: bool = False
+) -> np.ndarray:
     """``(G,)`` int64 counts with values in ``1..floor-1`` replaced by ``marker`` (``-1``, or
-    ``0`` where the counts are summed securely)."""
-    out = np.asarray(counts, dtype=np.int64).copy()
-    out[(out > 0) & (out < int(floor))] = marker
+    ``0`` where the counts are summed securely).
+
+    ``secondary`` (exact counts, whose total ``N`` the server knows from pre-flight): when any
+    count is suppressed, the smallest released counts are suppressed too until at least two
+    are and their total reaches the floor, so that ``N`` minus the released counts gives
+    neither a single suppressed count nor a total below the floor (with two or more cells
+    summing to at least the floor, no cell's value follows from the total)."""
+    c = np.asarray(counts, dtype=np.int64)
+    hide = (c > 0) & (c < int(floor))
+    if secondary and hide.any():
+        order = np.argsort(np.where(hide | (c <= 0), np.iinfo(np.int64).max, c), kind="stable")
+        for g in order:
+            if hide.sum() >= 2 and c[hide].sum() >= floor:
+                break
+            if hide[g] or c[g] <= 0:
+                continue
+            hide[g] = True
+    out = c.copy()
+    out[hide] = marker
     return out

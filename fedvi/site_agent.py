@@ -9,9 +9,12 @@ in-process engine (:func:`fedvi.federated_fit`) calls ``handle`` directly. Every
 receives is untrusted: its policy bounds what it answers and releases (the release functions of
 :mod:`fedvi.labels` and :mod:`fedvi.site`, the budget of :func:`fedvi.privacy.site_accountant`).
 
-Differential-privacy noise comes from the site's own generator: ``rng`` (default
-``np.random.default_rng()``, seeded from the operating system's entropy). Nothing in a request
-seeds it; tests pin it by passing a generator here.
+Every release and refusal passes the site's release gate (:mod:`fedvi.gate`): the agreed
+model, the caps and the privacy budget, read from the site's ledger (:mod:`fedvi.ledger`) in its
+state folder, so that they hold across messages, runs and restarts. Differential-privacy noise
+comes from the site's own generator: ``rng`` (default ``np.random.default_rng()``, seeded from
+the operating system's entropy). Nothing in a request seeds it; tests pin it by passing a
+generator here.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from collections.abc import Callable
 import numpy as np
 
 from fedvi.data import DataError, _names_of
+from fedvi.gate import SiteGate
 from fedvi.labels import label_rows, map_labels, release_label_counts, release_refinement
+from fedvi.ledger import Ledger, LedgerError, request_sha256
 from fedvi.options import FitOptions
 from fedvi.policy import PolicyRefusal, SitePolicy, check_posterior, check_request
-from fedvi.privacy import Accountant, BudgetExhausted, site_accountant
 from fedvi.protocol import (
     LabelReply,
     LocalReply,
@@ -36,6 +40,7 @@ from fedvi.protocol import (
     RefineReply,
     Reply,
     Request,
+    encode_request_of,
     names_hash,
     variable_hashes,
 )
@@ -68,8 +73,8 @@ def safe_reason(exc: BaseException) -> str:
         return f"the site's table failed validation ({kind}); details are in the site's log"
     if isinstance(exc, (InvalidSetting, ProtocolError)):
         return f"invalid request: {exc}"  # about the server's own values
-    if isinstance(exc, BudgetExhausted):
-        return "refused: the site's privacy budget is spent"
+    if isinstance(exc, LedgerError):
+        return "refused: the site's release ledger is not available; details are in its log"
     return f"internal error ({type(exc).__name__}); details are in the site's log"
 
 
@@ -85,7 +90,9 @@ class SiteAgent:
 
     site: its partition id. table: its table (anything :func:`fedvi.encode` reads) or a
     function ``load(missing) -> table`` (a file read on demand). policy: its rules (default
-    :class:`SitePolicy`). rng: its noise generator (default: OS entropy). label_sink: called
+    :class:`SitePolicy`). rng: its noise generator (default: OS entropy). state_dir: the folder
+    of its release ledger (``None``: in memory, for one in-process run). run_id: the run (the
+    ledger's per-run caps and budget; default: a fresh id). label_sink: called
     as ``label_sink(labels, posterior)`` with the ``(N,)`` labels the site makes and the
     posterior that made them; it returns the name of the file it wrote (the ClientApp writes
     them to the site's disk), or ``None``.
@@ -99,6 +106,8 @@ class SiteAgent:
         *,
         rng: np.random.Generator | None = None,
         label_sink: Callable[[np.ndarray, object], str | None] | None = None,
+        state_dir: str | Callable[[], str] | None = None,
+        run_id=None,
     ):
         self.site = int(site)
         self.name = f"site {self.site}"
@@ -106,9 +115,11 @@ class SiteAgent:
         self.policy = policy if policy is not None else SitePolicy()
         self.rng = rng if rng is not None else np.random.default_rng()
         self.label_sink = label_sink
+        self.state_dir, self.run_id = state_dir, run_id
+        self._gate: SiteGate | None = None
+        self.sha: str | None = None  # the request being answered (the ledger's hash of it)
         # Per-run state (the ClientApp keeps it in the node's context between messages).
         self.local_source: Source | None = None
-        self.accountant: Accountant | None = None
         self.labels: np.ndarray | None = None
         self._encoded: dict = {}
 
@@ -146,18 +157,34 @@ class SiteAgent:
         return tuple(by_hash[h] for h in order)
 
     # --- phases -------------------------------------------------------------------------------
-    def handle(self, req: Request, secure: bool = False) -> Reply:
+    @property
+    def gate(self) -> SiteGate:
+        """The site's release gate for this run (its ledger in the site's state folder)."""
+        if self._gate is None:
+            folder = self.state_dir() if callable(self.state_dir) else self.state_dir
+            self._gate = SiteGate(self.policy, Ledger(folder), self.run_id, self.rng)
+        return self._gate
+
+    def handle(self, req: Request, secure: bool = False, sha: str | None = None) -> Reply:
         """The site's answer to ``req`` (``secure``: the round is summed with SecAgg+, as the
-        site's own transport says, never the request). Raises what the site refuses or fails
-        on; the engine turns it into a failure that carries only :func:`safe_reason`."""
+        site's own transport says, never the request; ``sha``: the hash of the request as
+        received, default that of its encoding). Raises what the site refuses or fails on; the
+        engine turns it into a failure that carries only :func:`safe_reason`. Every refusal is
+        logged in the site's ledger."""
         t0 = time.perf_counter()
+        self.sha = sha if sha is not None else request_sha256(*encode_request_of(req))
         handler = {
             Phase.PREFLIGHT: self._preflight,
             Phase.LOCAL: self._local,
             Phase.REFINE: self._refine,
             Phase.LABEL: self._label,
         }[req.phase]
-        reply = handler(req, secure)
+        try:
+            reply = handler(req, secure)
+        except PolicyRefusal as exc:
+            if not getattr(exc, "logged", False):
+                self.gate.log_refusal(req.phase.value, exc, self.sha)
+            raise
         if not isinstance(reply, Preflight):
             reply = dataclasses.replace(reply, seconds=time.perf_counter() - t0)
         return reply
@@ -175,6 +202,7 @@ class SiteAgent:
             raise PolicyRefusal(
                 "min-cluster-size", "the site has fewer rows than the disclosure floor"
             )
+        declines = self.gate.preflight(req.spec, data.n_rows, data.n_features, req.server, self.sha)
         return Preflight(
             site=self.site,
             n_rows=data.n_rows,
@@ -185,11 +213,12 @@ class SiteAgent:
             if data.feature_names is None
             else tuple(variable_hashes(data.feature_names)),
             has_missing=bool(data.has_missing),
-            policy=self.policy.summary(),
+            policy=self.policy.summary(declines),
         )
 
     def _local(self, req: Request, secure: bool) -> LocalReply:
         check_request(req.spec, self.policy)
+        self.gate.start_local(req.spec, self.sha)  # the caps and the announced model
         t0 = time.perf_counter()
         data, spec = self.table(req)
         load = time.perf_counter() - t0
@@ -202,22 +231,25 @@ class SiteAgent:
             source=self.name,
         )
         self.local_source = fit.state.source
+        floor = self._floor(req)
+        self.gate.local_released(spec, fit.summaries.n_clusters, data.n_rows, floor, self.sha)
         return LocalReply(
             fit.summaries, int(fit.trace.n_iter), bool(fit.trace.converged), load_seconds=load
         )
 
-    def _accountant(self, req: Request) -> Accountant | None:
-        """The run's budget, made at the first aggregate release and kept (a server cannot
-        stretch it by announcing another plan later)."""
-        if self.accountant is None:
-            self.accountant = site_accountant(self.policy, req.server)
-        return self.accountant
-
-    def _privacy(self) -> dict | None:
-        acc = self.accountant
-        if acc is None:
-            return None
-        return {"epsilon_spent": acc.epsilon_spent, "releases": acc.made}
+    def _released(self, req: Request, data, rho, what: str) -> dict | None:
+        """Log an aggregate release in the ledger; the reply's budget figures (or ``None``)."""
+        spent = self.gate.released(
+            req.phase.value,
+            req.posterior.n_clusters,
+            data.n_rows,
+            what,
+            rho,
+            self._floor(req),
+            req.server,
+            self.sha,
+        )
+        return {k.split(".", 1)[1]: v for k, v in spent.items()} or None
 
     def _aggregate_round(self, req: Request, secure: bool, rule: str, allowed: bool):
         if not allowed:
@@ -229,18 +261,22 @@ class SiteAgent:
             )
         check_posterior(req.posterior, self.policy)
         data, _ = self.table(req, req.posterior.spec)
-        return data
+        # The gate checks the agreed model and the caps, and grants this release's budget.
+        rho = self.gate.aggregate(
+            req.phase.value, req.posterior, data.n_rows, data.n_features, req.server, self.sha
+        )
+        return data, rho
 
     def _refine(self, req: Request, secure: bool) -> RefineReply:
-        data = self._aggregate_round(req, secure, "allow-refine", self.policy.allow_refine)
-        acc = self._accountant(req)
+        data, rho = self._aggregate_round(req, secure, "allow-refine", self.policy.allow_refine)
         stats = release_refinement(
-            data, req.posterior, self._floor(req), self._opts(req), acc, self.rng
+            data, req.posterior, self._floor(req), self._opts(req), rho, self.gate.rng
         )
-        return RefineReply(stats, privacy=self._privacy())
+        privacy = self._released(req, data, rho, "counts, sums, entropies per cluster")
+        return RefineReply(stats, privacy=privacy)
 
     def _label(self, req: Request, secure: bool) -> LabelReply:
-        data = self._aggregate_round(req, secure, "allow-labels", self.policy.allow_labels)
+        data, rho = self._aggregate_round(req, secure, "allow-labels", self.policy.allow_labels)
         posterior = req.posterior
         if req.mapping is not None:
             labels = map_labels(self._local_labels(data, req), self._checked_mapping(req))
@@ -248,14 +284,14 @@ class SiteAgent:
             labels = label_rows(data, posterior, self._opts(req))
         self.labels = labels
         written = None if self.label_sink is None else self.label_sink(labels, posterior)
-        acc = self._accountant(req)
         marker = 0 if secure else -1
         shown = release_label_counts(
-            labels, posterior.n_clusters, self._floor(req), acc, self.rng, marker
+            labels, posterior.n_clusters, self._floor(req), rho, self.gate.rng, marker
         )
+        privacy = self._released(req, data, rho, "label counts per cluster")
         # Under secure aggregation the server sees only the sum: no per-site scalar about it.
         n_suppressed = None if secure else int((shown == marker).sum())
-        return LabelReply(shown, n_suppressed, privacy=self._privacy(), file=written)
+        return LabelReply(shown, n_suppressed, privacy=privacy, file=written)
 
     def _checked_mapping(self, req: Request) -> np.ndarray:
         m = req.mapping

@@ -16,13 +16,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from fedvi.data import DataError
+from fedvi.ledger import LedgerError
 from fedvi.policy import PolicyRefusal
-from fedvi.privacy import BudgetExhausted
 from fedvi.protocol import ProtocolError, variable_hashes
 from fedvi.settings import InvalidSetting
 
 #: Failures a site expects and explains in one line (no traceback).
-EXPECTED = (PolicyRefusal, DataError, InvalidSetting, ProtocolError, BudgetExhausted)
+EXPECTED = (PolicyRefusal, DataError, InvalidSetting, ProtocolError, LedgerError)
 
 
 def schema_mismatch(names: Sequence[str], agreed: Sequence[str]) -> str | None:

@@ -26,6 +26,8 @@ from fedvi.reply_checks import (
 from fedvi.simulate import simulate, split_sites
 from fedvi.site_agent import SiteAgent
 
+#: Sites that opt out of DP noise: exact replies, so that each poisoned value is the test's.
+NOISELESS = fedvi.SitePolicy(dp_epsilon=None)
 
 def tables(n_sites=3, seed=0):
     sim = simulate(900, 4, 15, seed=seed)
@@ -45,7 +47,7 @@ def drive(coordinator, agents, script=None):
 
 def run(script=None, refine_rounds=2, n_components=8, min_sites=2, **server):
     data = tables()
-    agents = {s: SiteAgent(s, X) for s, X in enumerate(data)}
+    agents = {s: SiteAgent(s, X, NOISELESS) for s, X in enumerate(data)}
     spec = fedvi.MixtureSpec(n_components=n_components)
     srv = ServerOptions(refine_rounds=refine_rounds, **server)
     coordinator = Coordinator(spec, FitOptions(), srv, range(3), seed=3, min_sites=min_sites)
@@ -177,7 +179,7 @@ def test_a_site_that_does_not_answer_is_offline_and_too_few_sites_stop_the_run()
 
 def test_duplicate_ids_stop_the_run_and_strangers_are_noted():
     data = tables()
-    agents = {s: SiteAgent(s, X) for s, X in enumerate(data)}
+    agents = {s: SiteAgent(s, X, NOISELESS) for s, X in enumerate(data)}
     c = Coordinator(fedvi.MixtureSpec(n_components=8), FitOptions(), ServerOptions(), range(3))
     rnd = c.next_round()
     replies = {s: agents[s].handle(r) for s, r in rnd.requests.items()}
@@ -194,7 +196,7 @@ def test_duplicate_ids_stop_the_run_and_strangers_are_noted():
 def test_a_site_with_another_schema_is_left_out():
     data = tables()
     data[1] = data[1][:, :-1]
-    agents = {s: SiteAgent(s, X) for s, X in enumerate(data)}
+    agents = {s: SiteAgent(s, X, NOISELESS) for s, X in enumerate(data)}
     c = Coordinator(
         fedvi.MixtureSpec(n_components=8), FitOptions(), ServerOptions(), range(3), min_sites=2
     )

@@ -40,7 +40,10 @@ SECRET = "alice-smith"
 
 @pytest.fixture
 def site(tmp_path):
-    """A deployed site: 60 rows in a CSV with a header, its own data-path and output-dir."""
+    """A deployed site: 60 rows in a CSV with a header, its own data-path and output-dir. It
+    opts out of DP noise (``dp-epsilon=none``): these tests check what the floor and the
+    posterior checks bound alone (with its default budget a 60-row site declines refinement;
+    tests/test_attacks.py plays the default node config)."""
     sim = simulate(60, 3, 12, seed=4)
     path = tmp_path / "private" / "codes.csv"
     path.parent.mkdir()
@@ -48,7 +51,12 @@ def site(tmp_path):
     rows = "\n".join(",".join(str(int(v)) for v in x) for x in sim.X)
     path.write_text(header + "\n" + rows + "\n")
     out = tmp_path / "private" / "out"
-    node_config = {"partition-id": 3, "data-path": str(path), "output-dir": str(out)}
+    node_config = {
+        "partition-id": 3,
+        "data-path": str(path),
+        "output-dir": str(out),
+        "dp-epsilon": "none",
+    }
     return FedviClient(node_config), sim.X, path
 
 
@@ -175,6 +183,7 @@ def resolved(site):
 
 def test_crafted_posterior_yields_nothing_below_the_floor_in_refinement(site, resolved):
     client, X, _ = site
+    ask(client, "local")  # the run's local fit agrees the model (issue 15)
     post = crafted_one_cluster_per_row(X, resolved)
     arrays, n, metrics = ask(
         client, "refine", spec=resolved, posterior=post, server=ServerOptions(min_cluster_size=1)
@@ -189,6 +198,7 @@ def test_crafted_posterior_yields_nothing_below_the_floor_in_refinement(site, re
 
 def test_crafted_posterior_label_counts_are_suppressed(site, resolved):
     client, X, _ = site
+    ask(client, "local")
     post = crafted_one_cluster_per_row(X, resolved)
     (counts,), n, metrics = ask(
         client, "label", spec=resolved, posterior=post, server=ServerOptions(min_cluster_size=1)
@@ -217,6 +227,7 @@ def test_malformed_posteriors_are_refused(site, tamper, rule):
 
 def test_too_many_clusters_and_wrong_shapes_are_refused(site, resolved):
     client, X, _ = site
+    ask(client, "local")
     post = crafted_one_cluster_per_row(np.vstack([X, X]), resolved)  # 120 > 100 clusters
     refused(client, "refine", "max-components", spec=resolved, posterior=post)
     good = local_posterior(client)
@@ -235,7 +246,13 @@ def test_too_many_clusters_and_wrong_shapes_are_refused(site, resolved):
 def test_policy_can_refuse_refinement_and_labels(site):
     _, _, path = site
     client = FedviClient(
-        {"partition-id": 3, "data-path": str(path), "allow-refine": False, "allow-labels": False}
+        {
+            "partition-id": 3,
+            "data-path": str(path),
+            "allow-refine": False,
+            "allow-labels": False,
+            "dp-epsilon": "none",
+        }
     )
     post = local_posterior(client)
     refused(client, "refine", "allow-refine", spec=post.spec, posterior=post)
@@ -245,7 +262,12 @@ def test_policy_can_refuse_refinement_and_labels(site):
 def test_secure_aggregation_required_by_the_site(site):
     _, _, path = site
     client = FedviClient(
-        {"partition-id": 3, "data-path": str(path), "require-secure-aggregation": True}
+        {
+            "partition-id": 3,
+            "data-path": str(path),
+            "require-secure-aggregation": True,
+            "dp-epsilon": "none",
+        }
     )
     post = local_posterior(client)
     refused(client, "refine", "require-secure-aggregation", spec=post.spec, posterior=post)
@@ -275,8 +297,15 @@ def test_node_config_policy_is_checked(tmp_path):
 
 def test_privacy_budget_cannot_be_stretched_by_the_server(site):
     _, _, path = site
+    # A large epsilon: with its default one, a 60-row site declines refinement.
     client = FedviClient(
-        {"partition-id": 3, "data-path": str(path), "dp-epsilon": 1.0}, state=RecordDict()
+        {
+            "partition-id": 3,
+            "data-path": str(path),
+            "dp-epsilon": 1000.0,
+            "dp-epsilon-period": 1e4,
+        },
+        state=RecordDict(),
     )
     post = local_posterior(client)
     # The first release fixes the plan: 1 refinement round + labels = 2 releases.
@@ -287,7 +316,7 @@ def test_privacy_budget_cannot_be_stretched_by_the_server(site):
     _, _, m2 = ask(
         client, "label", spec=post.spec, posterior=post, server=ServerOptions(refine_rounds=0)
     )
-    assert m2["privacy.epsilon_spent"] == pytest.approx(1.0, rel=1e-9)
+    assert m2["privacy.epsilon_spent"] == pytest.approx(1000.0, rel=1e-9)
     refused(client, "label", "privacy budget", spec=post.spec, posterior=post, server=server)
 
 
@@ -336,7 +365,9 @@ def test_refinement_floors_observed_counts_too(tmp_path):
     X[:3, 5] = 1.0  # variable 5 observed in 3 rows only
     path = tmp_path / "codes.npy"
     np.save(path, X)
-    client = FedviClient({"partition-id": 3, "data-path": str(path), "min-cluster-size": 10})
+    client = FedviClient(
+        {"partition-id": 3, "data-path": str(path), "min-cluster-size": 10, "dp-epsilon": "none"}
+    )
     spec = fedvi.MixtureSpec(n_components=4, missing="ignore")
     arrays, _, metrics = ask(client, "local", spec=spec)
     post = decode_summaries(arrays, metrics, "summaries")

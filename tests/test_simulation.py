@@ -118,7 +118,13 @@ def test_default_style_run_matches_federated_fit(tmp_path):
 
 
 def test_secure_aggregation_gives_the_plain_runs_clusters(tmp_path):
-    common = ["+experiment=small", "federation.sites=3", "strategy.refine_rounds=2"]
+    # Exact sums compared: the sites opt out of DP noise (on by default, issue 15).
+    common = [
+        "+experiment=small",
+        "federation.sites=3",
+        "strategy.refine_rounds=2",
+        "site.dp_epsilon=null",
+    ]
     run([*common, f"hydra.run.dir={tmp_path / 'plain'}"])
     run([*common, "strategy.secure_aggregation=true", f"hydra.run.dir={tmp_path / 'secure'}"])
     plain = json.loads((tmp_path / "plain" / "results.json").read_text())

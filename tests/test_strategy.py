@@ -34,6 +34,10 @@ from strategies.fedmerdel import SiteFailureError, SiteIdentityError, fitins  # 
 from strategies.options import StrategyOptions  # noqa: E402
 from strategies.outputs import write_outputs  # noqa: E402
 
+#: The sites here compare the protocol with federated_fit exactly: they opt out of DP noise
+#: (by default a site's label counts and refinement statistics are noisy, issue 15).
+NOISELESS = fedvi.SitePolicy(dp_epsilon=None)
+
 
 def sites(likelihood="bernoulli", n_sites=3, seed=0, **kw):
     sim = simulate(900, 4, 15, likelihood=likelihood, n_levels=3, seed=seed, **kw)
@@ -73,7 +77,9 @@ def test_protocol_reproduces_federated_fit(tmp_path, likelihood, server, model):
         make_strategy(paths, tmp_path, spec=spec, server=ServerOptions(**server)),
         grid_for(paths, tmp_path),
     )
-    ref = fedvi.federated_fit(tables, likelihood, n_components=12, seed=7, **model, **server)
+    ref = fedvi.federated_fit(
+        tables, likelihood, n_components=12, seed=7, **model, **server, policy=NOISELESS
+    )
     o = strategy.result
     assert o.status == "completed" and not o.failures
     assert o.n_clusters == ref.n_clusters
@@ -108,7 +114,7 @@ def test_categorical_levels_are_agreed_in_preflight(tmp_path):
     strategy = run_protocol(make_strategy(paths, tmp_path, spec=spec), grid_for(paths, tmp_path))
     assert strategy.agreed_spec.n_levels == (3,) * 15
     assert strategy.result.sites[1].schema["levels"] == [2] * 15
-    ref = fedvi.federated_fit(tables, "categorical", n_components=12, seed=7)
+    ref = fedvi.federated_fit(tables, "categorical", n_components=12, seed=7, policy=NOISELESS)
     assert strategy.result.elbo == pytest.approx(ref.elbo, rel=1e-10)
 
 
@@ -137,7 +143,9 @@ def test_schema_mismatch_is_named_in_preflight_and_the_run_goes_on(tmp_path):
     assert grid.asked(1002) == 2 and o.sites[2].summaries is None
     assert [f["site"] for f in o.failures] == [2]
     assert sorted(s for s, r in o.sites.items() if r.status == "ok") == [0, 1]
-    ref = fedvi.federated_fit(tables[:2], n_components=12, seed=7, feature_names=names)
+    ref = fedvi.federated_fit(
+        tables[:2], n_components=12, seed=7, feature_names=names, policy=NOISELESS
+    )
     assert o.n_clusters == ref.n_clusters
     assert o.elbo == pytest.approx(ref.elbo, rel=1e-10)
 
@@ -171,7 +179,7 @@ def test_unreadable_file_is_named_and_run_continues(tmp_path):
     assert "site2.npy" not in fail["error"]  # no path crosses the wire
     # The two remaining sites give the in-process fit of their tables (the same K and ELBO),
     # not just some clusters.
-    ref = fedvi.federated_fit(tables[:2], n_components=12, seed=7)
+    ref = fedvi.federated_fit(tables[:2], n_components=12, seed=7, policy=NOISELESS)
     assert o.n_clusters == ref.n_clusters
     assert o.elbo == pytest.approx(ref.elbo, rel=1e-10)
 
@@ -215,7 +223,7 @@ def test_unexpected_node_is_not_used_and_duplicates_stop_the_run(tmp_path):
     assert o.status == "completed" and sorted(o.sites) == [0, 1, 2]
     assert grid.asked(1003) == 1  # pre-flight only
     assert any("node 1003 claims site 9" in n for n in o.notes)
-    ref = fedvi.federated_fit(tables, n_components=12, seed=7)
+    ref = fedvi.federated_fit(tables, n_components=12, seed=7, policy=NOISELESS)
     assert o.elbo == pytest.approx(ref.elbo, rel=1e-10)
 
     dup = make_strategy(paths[:3], tmp_path)
@@ -296,7 +304,7 @@ def test_columns_in_another_order_are_matched_by_name(tmp_path, likelihood):
     strategy = run_protocol(make_strategy(paths, tmp_path, spec=spec), grid_for(paths, tmp_path))
     o = strategy.result
     assert o.status == "completed" and not o.failures
-    ref = fedvi.federated_fit(frames, likelihood, n_components=12, seed=7)
+    ref = fedvi.federated_fit(frames, likelihood, n_components=12, seed=7, policy=NOISELESS)
     assert o.n_clusters == ref.n_clusters
     assert o.elbo == pytest.approx(ref.elbo, rel=1e-10)
     assert o.spec.feature_names == tuple(names)
@@ -305,7 +313,7 @@ def test_columns_in_another_order_are_matched_by_name(tmp_path, likelihood):
 def test_a_site_requiring_secure_aggregation_is_not_asked_in_a_plain_run(tmp_path):
     tables = sites()
     paths = write_sites(tmp_path, tables)
-    strict = fedvi.SitePolicy(require_secure_aggregation=True)
+    strict = fedvi.SitePolicy(require_secure_aggregation=True, dp_epsilon=None)
     grid = grid_for(paths, tmp_path, policies=[None, strict, None])
     strategy = run_protocol(make_strategy(paths, tmp_path), grid)
     o = strategy.result
@@ -313,10 +321,8 @@ def test_a_site_requiring_secure_aggregation_is_not_asked_in_a_plain_run(tmp_pat
     assert grid.asked(1001) == 2  # pre-flight and its local fit only
     assert o.sites[1].counts is None
     # Its one-shot statistics stay in every refinement round, as a site that does not refine.
-    quiet = fedvi.SitePolicy(allow_refine=False, allow_labels=False)
-    ref = fedvi.federated_fit(
-        tables, n_components=12, seed=7, policy=[fedvi.SitePolicy(), quiet, fedvi.SitePolicy()]
-    )
+    quiet = fedvi.SitePolicy(allow_refine=False, allow_labels=False, dp_epsilon=None)
+    ref = fedvi.federated_fit(tables, n_components=12, seed=7, policy=[NOISELESS, quiet, NOISELESS])
     assert o.elbo == pytest.approx(ref.elbo, rel=1e-10)
     assert o.elbo_history == pytest.approx(ref.elbo_history, rel=1e-10)
 
@@ -355,7 +361,7 @@ def test_secure_rounds_run_through_the_workflow(tmp_path):
     )
     o = strategy.result
     assert o.status == "completed" and not o.failures
-    ref = fedvi.federated_fit(tables, n_components=12, seed=7)
+    ref = fedvi.federated_fit(tables, n_components=12, seed=7, policy=NOISELESS)
     assert o.n_clusters == ref.n_clusters
     assert o.elbo_history == pytest.approx(ref.elbo_history, rel=1e-9)
     assert all(o.sites[b].counts is None for b in range(3))  # no site's counts, only the sum

@@ -24,13 +24,12 @@ problem (never a value, header, path or row number).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from logging import ERROR, INFO
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.app.message_type import MessageType
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
@@ -48,8 +47,8 @@ from fedvi.flower.site_log import (
 )
 from fedvi.io import locate_error, open_table, write_labels
 from fedvi.label_files import label_file_name, latest_labels, model_hash
+from fedvi.ledger import request_sha256
 from fedvi.policy import PolicyRefusal, SitePolicy
-from fedvi.privacy import Accountant
 from fedvi.protocol import (
     K_PHASE,
     K_PROTOCOL,
@@ -71,7 +70,6 @@ from fedvi.vi import Source
 __all__ = ["FedviClient", "labels_path", "make_client_app", "make_client_fn", "safe_reason"]
 
 _LOCAL_SOURCE = "fedvi.local-source"
-_PRIVACY = "fedvi.privacy"
 
 
 def labels_path(output_dir: str, site: int) -> str:
@@ -115,7 +113,13 @@ class FedviClient(NumPyClient):
         self.state = state
         self.name = f"site {self.partition_id}"
         self.agent = SiteAgent(
-            self.partition_id, self._read, self.policy, rng=rng, label_sink=self._write_labels
+            self.partition_id,
+            self._read,
+            self.policy,
+            rng=rng,
+            label_sink=self._write_labels,
+            state_dir=self.state_dir,
+            run_id=run_id,
         )
         self._restore()
 
@@ -129,6 +133,14 @@ class FedviClient(NumPyClient):
         if self.policy.output_dir:
             return self.policy.output_dir
         return os.path.dirname(os.path.abspath(self.data_path()))
+
+    def state_dir(self) -> str:
+        """The site's own state folder (its release ledger): the node config's ``state-dir``,
+        else ``<output-dir>/.fedvi-state/site<id>`` (sites that share an output folder, as the
+        simulation's do, keep separate ledgers)."""
+        if self.policy.state_dir:
+            return self.policy.state_dir
+        return os.path.join(self.output_dir(), ".fedvi-state", f"site{self.partition_id}")
 
     def cache_dir(self) -> str:
         if self.policy.cache_dir:
@@ -159,9 +171,6 @@ class FedviClient(NumPyClient):
         if _LOCAL_SOURCE in self.state.array_records:
             arrays = self.state[_LOCAL_SOURCE].to_numpy_ndarrays()
             self.agent.local_source = Source.from_arrays(arrays)
-        if _PRIVACY in self.state.config_records:
-            saved = json.loads(str(self.state.config_records[_PRIVACY]["json"]))
-            self.agent.accountant = Accountant.from_dict(saved)
 
     def _save(self) -> None:
         if self.state is None:
@@ -169,9 +178,6 @@ class FedviClient(NumPyClient):
         if self.agent.local_source is not None:
             arrays = self.agent.local_source.to_arrays()
             self.state[_LOCAL_SOURCE] = ArrayRecord([np.asarray(a) for a in arrays])
-        if self.agent.accountant is not None:
-            saved = json.dumps(self.agent.accountant.to_dict())
-            self.state.config_records[_PRIVACY] = ConfigRecord({"json": saved})
 
     # --- NumPyClient ------------------------------------------------------------------------
     def get_properties(self, config):
@@ -188,9 +194,10 @@ class FedviClient(NumPyClient):
         phase = phase if phase in PHASES else "unknown"
         t0 = time.perf_counter()
         try:
+            sha = request_sha256(parameters, config)  # the ledger's hash of what came
             req = decode_request(parameters, config)
             secure = bool(config.get(K_SECAGG, False))
-            reply = self.agent.handle(req, secure)
+            reply = self.agent.handle(req, secure, sha)
             self._save()
             arrays, extra = encode_reply(reply)
             n = self.agent_rows(reply)
