@@ -10,12 +10,14 @@ per site).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
 from fedvi.data import EncodedData, encode, site_list
 from fedvi.elbo import elbo
+from fedvi.floor import floored_release
 from fedvi.global_merge import GlobalMerge, global_merge
 from fedvi.labels import label_rows, map_labels, release_label_counts, release_refinement
 from fedvi.model import FittedModel
@@ -23,8 +25,17 @@ from fedvi.options import FitOptions, ServerOptions
 from fedvi.policy import SitePolicy, check_request
 from fedvi.privacy import site_accountant
 from fedvi.protocol import encode_refine
+from fedvi.refine_moves import (
+    DeleteTrial,
+    Track,
+    apply_merges,
+    propose_deletes,
+    propose_pairs,
+    remap_pairs,
+)
 from fedvi.result import FederatedResult, SiteReport
 from fedvi.settings import numpydoc, split_options
+from fedvi.settle import settle_clusters
 from fedvi.site import fit_site
 from fedvi.spec import MixtureSpec
 from fedvi.summaries import Summaries
@@ -81,6 +92,23 @@ def shared_spec(tables: Sequence, spec: MixtureSpec) -> tuple[MixtureSpec, list[
     return resolved, encoded
 
 
+def warn_floor(requested: int, policies: Sequence[SitePolicy], ids: Sequence[int]) -> None:
+    """Warn when the floor asked for (``min_cluster_size``) is below a site's own policy floor,
+    which wins: the request changes nothing at those sites."""
+    higher = [(s, p.min_cluster_size) for s, p in zip(ids, policies, strict=True)]
+    higher = [(s, f) for s, f in higher if f > requested]
+    if higher:
+        floors = sorted({f for _, f in higher})
+        warnings.warn(
+            f"min_cluster_size={requested} is below the disclosure floor of the site policy at "
+            f"site(s) {[s for s, _ in higher]} (floor {', '.join(map(str, floors))}), which "
+            "wins: a site's floor is never lowered by the server. To lower it, give "
+            f"policy=SitePolicy(min_cluster_size={requested}) (the site's own decision).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def combine_refinement(
     posterior: Summaries,
     site_stats: Sequence[Summaries],
@@ -116,6 +144,21 @@ def combine_refinement(
     return new, True, keep
 
 
+def refusal_note(round_no: int, withheld: dict[int, list[int]]) -> str:
+    """Why a refinement round was not applied, naming the clusters and sites whose floor
+    withheld statistics (the usual cause)."""
+    text = (
+        f"refinement round {round_no} not applied: it would have lowered the ELBO; the next "
+        "round starts from it and the best posterior is kept"
+    )
+    if withheld:
+        parts = "; ".join(
+            f"cluster {g} at site(s) {', '.join(map(str, s))}" for g, s in sorted(withheld.items())
+        )
+        return text + f" (the sites' disclosure floors withheld: {parts})"
+    return text + " (no site's floor withheld a cluster)"
+
+
 def fixed_contribution(summaries: Summaries, mapping: np.ndarray, n_clusters: int) -> Summaries:
     """A site's one-shot statistics per global cluster (what it contributes when it does not
     take part in refinement): its local clusters summed by ``mapping``."""
@@ -144,6 +187,8 @@ def federated_fit(
     policies = policies_for(policy, len(tables))
     for p in policies:
         check_request(spec, p)
+    if "min_cluster_size" in options:  # [h19] a site's floor is never lowered by the server
+        warn_floor(server.min_cluster_size, policies, ids)
     spec, encoded = shared_spec(tables, spec)
     result = FederatedResult(label_mode=server.label_mode)
     fits = _fit_sites(result, encoded, spec, policies, ids, fit, server, seed)
@@ -187,37 +232,88 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
     rngs = [np.random.default_rng([0 if seed is None else seed, s, 7]) for s in ids]
     floors = [p.floor(server.min_cluster_size) for p in policies]
     takes_part = [p.allow_refine for p in policies]
-    membership = merged.membership
     fixed_all = [
         fixed_contribution(f.summaries, merged.mapping[b], posterior.n_clusters)
         for b, f in enumerate(fits)
     ]
+    # [h19] refinement with the soft floor and global merge/delete moves (fedvi.floor,
+    # fedvi.refine_moves); the coordinator ports this loop.
+    noisy = any(a is not None for a in accountants)
+    moves = server.refine_moves and not noisy and all(takes_part)
+    main = Track(posterior, merged.membership, np.arange(posterior.n_clusters))
+    trials: list[DeleteTrial] = []
+    failed: dict[int, float] = {}
+    # The best posterior so far is the one applied; a round that lowers the ELBO (a site's
+    # floor withheld a cluster it released before) is not applied, but the next round starts
+    # from it (repeating the same round would give the same result).
+    best, best_elbo = main, elbo(main.posterior)
     for r in range(server.refine_rounds):
         if not any(takes_part):
             result.notes.append("refinement skipped: no site allows refinement rounds")
             break
-        stats, fixed = [], []
+        pairs = propose_pairs(main.posterior, server.refine_max_pairs) if moves else None
+        if moves:
+            busy = {t.cid for t in trials}
+            trials += propose_deletes(main, failed, busy, server.refine_deletes - len(trials))
+        stats, fixed, pair_h, withheld = [], [], [], {}
+        trial_stats = [[] for _ in trials]
         for b, data in enumerate(encoded):
             if not takes_part[b]:
                 fixed.append(fixed_all[b])
                 continue
             opts = site_fit_options(fit, policies[b])
-            st = release_refinement(data, posterior, floors[b], opts, accountants[b], rngs[b])
+            if accountants[b] is None:
+                rel = floored_release(data, main.posterior, floors[b], opts, pairs)
+                st = rel.stats
+                for g in np.flatnonzero(rel.withheld):
+                    withheld.setdefault(int(g), []).append(ids[b])
+                if pairs is not None:
+                    pair_h.append(rel.pair_entropy)
+                    result.sites[ids[b]].add_uplink("refine_moves", [rel.pair_entropy])
+                for t, ts in zip(trials, trial_stats, strict=True):
+                    ts.append(floored_release(data, t.track.posterior, floors[b], opts).stats)
+                    result.sites[ids[b]].add_uplink("refine_moves", encode_refine(ts[-1]))
+            else:
+                st = release_refinement(
+                    data, main.posterior, floors[b], opts, accountants[b], rngs[b]
+                )
             stats.append(st)
             result.sites[ids[b]].add_uplink("refine", encode_refine(st))
-        new, accepted, kept = combine_refinement(
-            posterior, stats, fixed, noisy=any(a is not None for a in accountants)
-        )
-        if not accepted:
-            result.notes.append(
-                f"refinement round {r + 1} not applied: it would have lowered the ELBO "
-                "(sites' floors restricted their assignments); refinement stopped"
-            )
-            break
-        fixed_all = [f.subset(kept) for f in fixed_all]
-        membership = membership[kept]
-        posterior = new
-        result.elbo_history.append(elbo(posterior))
+        new, _, kept = combine_refinement(main.posterior, stats, fixed, noisy=True)
+        lowered = not noisy and elbo(new) < best_elbo - 1e-8 * abs(best_elbo)
+        log = {"round": r + 1, "applied": not lowered, "withheld": withheld, "merges": 0}
+        log.update(candidates=0 if pairs is None else len(pairs), deletes=0)
+        result.rounds.append(log)
+        if lowered:
+            result.notes.append(refusal_note(r + 1, withheld))
+        if not moves:  # with moves every site refines: no fixed contribution to follow
+            fixed_all = [f.subset(kept) for f in fixed_all]
+        before = main.posterior.n_clusters
+        main = main.after_round(new, kept)
+        if pairs is not None and len(pairs):
+            p2, h2 = remap_pairs(pairs, kept, np.sum(pair_h, axis=0))
+            outcome = apply_merges(main.posterior, p2, h2)
+            if outcome.n_merges:
+                main = main.merged(outcome)
+                log["merges"] = outcome.n_merges
+        for t, ts in zip(trials, trial_stats, strict=True):
+            t_new, _, t_kept = combine_refinement(t.track.posterior, ts, noisy=True)
+            t.track = t.track.after_round(t_new, t_kept)
+            t.rounds_left -= 1
+        done = [t for t in trials if t.rounds_left == 0]
+        trials = [t for t in trials if t.rounds_left > 0]
+        winner = max(done, key=lambda t: elbo(t.track.posterior), default=None)
+        if winner is not None and elbo(winner.track.posterior) > elbo(main.posterior):
+            main = winner.track
+            log["deletes"] = before - main.posterior.n_clusters
+            trials = []  # the others were proposals against the replaced posterior
+        for t in done:
+            if t is not winner or log["deletes"] == 0:
+                failed[t.cid] = t.count
+        if noisy or elbo(main.posterior) >= best_elbo:
+            best, best_elbo = main, elbo(main.posterior)
+        result.elbo_history.append(best_elbo)
+    posterior, membership = best.posterior, best.membership
     G = posterior.n_clusters
     one_shot = server.refine_rounds == 0 or len(result.elbo_history) == 2
     use_map = server.label_mode == "map" and one_shot
@@ -237,6 +333,13 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
                 "epsilon_spent": accountants[b].epsilon_spent,
                 **accountants[b].to_dict(),
             }
+    # [h19] one meaning of K: clusters that own no rows are removed (fedvi.settle).
+    refit = server.refine_rounds > 0 and not noisy and all(takes_part)
+    ctx = (encoded, policies, ids, fit, floors, accountants, rngs)
+    every_site = merged.base_map is None  # extend: the model's earlier sites report no counts
+    posterior, membership, settle_map = _settle(
+        result, posterior, membership, ctx, refit, every_site
+    )
     result.model = FittedModel(posterior, merged.site_ids, membership)
     result.status = "completed"
     result.privacy = {
@@ -244,6 +347,56 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
         "dp_epsilon": server.dp_epsilon,
         "dp_delta": server.dp_delta,
     }
+    return settle_map
+
+
+def _settle(result, posterior, membership, ctx, refit: bool, every_site: bool = True):
+    """Remove the global clusters that own no rows (:func:`fedvi.settle.settle_clusters`, on the
+    released label counts). With ``refit``, one exact refinement round without them follows (so
+    their soft mass moves to the others and the ELBO stays that of a valid assignment) and the
+    sites label again; otherwise the posterior keeps the other clusters' statistics and the
+    labels are renumbered. Returns the posterior, membership and ``(G,)`` old-to-new ids."""
+    encoded, policies, ids, fit, floors, accountants, rngs = ctx
+    total = np.arange(posterior.n_clusters)
+    for _ in range(3):
+        counts = [
+            result.sites[s].counts if policies[b].allow_labels else None for b, s in enumerate(ids)
+        ]
+        settled = settle_clusters(posterior, counts if every_site else [*counts, None])
+        if not settled.n_removed:
+            break
+        removed = np.flatnonzero(~settled.keep).tolist()
+        result.notes.append(f"clusters {removed} own no rows: removed at the end of the run")
+        membership = membership[settled.keep]
+        total = np.where(total >= 0, settled.old_to_new[np.maximum(total, 0)], -1)
+        sub = posterior.subset(settled.keep)
+        if not refit:
+            posterior = sub
+            for s in ids:
+                rep = result.sites[s]
+                rep.labels = settled.relabel(rep.labels)
+                if rep.counts is not None:
+                    rep.counts = rep.counts[settled.keep]
+            continue
+        stats = [
+            floored_release(d, sub, floors[b], site_fit_options(fit, policies[b])).stats
+            for b, d in enumerate(encoded)
+        ]
+        posterior, _, kept = combine_refinement(sub, stats, noisy=True)
+        membership = membership[kept]
+        new_id = np.full(len(kept), -1)
+        new_id[kept] = np.arange(int(kept.sum()))
+        total = np.where(total >= 0, new_id[np.maximum(total, 0)], -1)
+        result.elbo_history.append(elbo(posterior))
+        for b, s in enumerate(ids):
+            rep = result.sites[s]
+            rep.labels = label_rows(encoded[b], posterior, site_fit_options(fit, policies[b]))
+            if policies[b].allow_labels:
+                rep.counts = release_label_counts(
+                    rep.labels, posterior.n_clusters, floors[b], accountants[b], rngs[b]
+                )
+                rep.add_uplink("label", [rep.counts])
+    return posterior, membership, total
 
 
 def extend(
@@ -281,7 +434,17 @@ def extend(
         base=(model.posterior, model.membership, list(model.site_ids)),
     )
     no_refine = dataclasses.replace(server, refine_rounds=0, label_mode="posterior")
-    _finish(result, merged, fits, encoded, policies, ids, no_refine, fit, seed)
+    settle_map = _finish(result, merged, fits, encoded, policies, ids, no_refine, fit, seed)
+    # [h19] old-to-new ids of the model's clusters (-1: removed), recorded in the model.
+    base_map = merged.base_map
+    result.id_map = np.where(base_map >= 0, settle_map[np.maximum(base_map, 0)], -1)
+    result.model = dataclasses.replace(
+        result.model,
+        info={
+            **model.info,
+            "id_map": {"from_n_clusters": model.n_clusters, "map": result.id_map.tolist()},
+        },
+    )
     if server.refine_rounds:
         result.notes.append("extend: no refinement rounds (the model's other sites are not here)")
     return result

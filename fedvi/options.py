@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedvi.settings import Interval, OneOf, Optional, Pattern, check_fields, setting
+from fedvi.settings import Boolean, Interval, OneOf, Optional, Pattern, check_fields, setting
 
 MOVE_SCHEDULES = ("merdel", "paper", "none")
 BACKENDS = ("numpy", "torch")
@@ -106,6 +106,28 @@ class ServerOptions:
         "refinement rounds after the merge (sites that allow it send sums per global cluster, "
         "the server updates; a round that would lower the ELBO is not applied); 0: the "
         "paper's one-shot merge (measured in benchmarks/bench_refine.py)",
+        Interval(int, 0),
+    )
+    refine_moves: bool = setting(
+        True,
+        "global merge moves in refinement rounds: each round carries candidate pairs of global "
+        "clusters, sites return one merged-column entropy per pair with their statistics, and "
+        "a merge is applied only if the exact pooled ELBO rises (off under DP noise or when a "
+        "site does not refine)",
+        Boolean(),
+    )
+    refine_max_pairs: int = setting(
+        32,
+        "candidate pairs per refinement round when refine_moves is on (each costs 8 bytes per "
+        "site)",
+        Interval(int, 1),
+    )
+    refine_deletes: int = setting(
+        2,
+        "delete proposals in flight per refinement round when refine_moves is on: the "
+        "posterior without a small cluster is refined beside the current one for two rounds "
+        "and replaces it if its exact ELBO is higher (each costs one more set of statistics "
+        "per site and round; 0: merges only)",
         Interval(int, 0),
     )
     min_cluster_size: int = setting(
