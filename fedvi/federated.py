@@ -31,6 +31,7 @@ from fedvi.refine_moves import (
     apply_merges,
     propose_deletes,
     propose_pairs,
+    propose_splits,
     remap_pairs,
 )
 from fedvi.result import FederatedResult, SiteReport
@@ -242,7 +243,7 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
     moves = server.refine_moves and not noisy and all(takes_part)
     main = Track(posterior, merged.membership, np.arange(posterior.n_clusters))
     trials: list[DeleteTrial] = []
-    failed: dict[int, float] = {}
+    failed: dict[str, dict[int, float]] = {"delete": {}, "split": {}}
     # The best posterior so far is the one applied; a round that lowers the ELBO (a site's
     # floor withheld a cluster it released before) is not applied, but the next round starts
     # from it (repeating the same round would give the same result).
@@ -254,7 +255,10 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
         pairs = propose_pairs(main.posterior, server.refine_max_pairs) if moves else None
         if moves:
             busy = {t.cid for t in trials}
-            trials += propose_deletes(main, failed, busy, server.refine_deletes - len(trials))
+            n_del = (server.refine_trials + 1) // 2 - sum(t.kind == "delete" for t in trials)
+            n_split = server.refine_trials // 2 - sum(t.kind == "split" for t in trials)
+            trials += propose_deletes(main, failed["delete"], busy, n_del)
+            trials += propose_splits(main, failed["split"], busy, n_split)
         stats, fixed, pair_h, withheld = [], [], [], {}
         trial_stats = [[] for _ in trials]
         for b, data in enumerate(encoded):
@@ -282,13 +286,12 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
         new, _, kept = combine_refinement(main.posterior, stats, fixed, noisy=True)
         lowered = not noisy and elbo(new) < best_elbo - 1e-8 * abs(best_elbo)
         log = {"round": r + 1, "applied": not lowered, "withheld": withheld, "merges": 0}
-        log.update(candidates=0 if pairs is None else len(pairs), deletes=0)
+        log.update(candidates=0 if pairs is None else len(pairs), deletes=0, splits=0)
         result.rounds.append(log)
         if lowered:
             result.notes.append(refusal_note(r + 1, withheld))
         if not moves:  # with moves every site refines: no fixed contribution to follow
             fixed_all = [f.subset(kept) for f in fixed_all]
-        before = main.posterior.n_clusters
         main = main.after_round(new, kept)
         if pairs is not None and len(pairs):
             p2, h2 = remap_pairs(pairs, kept, np.sum(pair_h, axis=0))
@@ -305,11 +308,11 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
         winner = max(done, key=lambda t: elbo(t.track.posterior), default=None)
         if winner is not None and elbo(winner.track.posterior) > elbo(main.posterior):
             main = winner.track
-            log["deletes"] = before - main.posterior.n_clusters
+            log[winner.kind + "s"] = 1
             trials = []  # the others were proposals against the replaced posterior
         for t in done:
-            if t is not winner or log["deletes"] == 0:
-                failed[t.cid] = t.count
+            if t is not winner or main is not t.track:
+                failed[t.kind][t.cid] = t.count
         if noisy or elbo(main.posterior) >= best_elbo:
             best, best_elbo = main, elbo(main.posterior)
         result.elbo_history.append(best_elbo)

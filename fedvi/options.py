@@ -122,12 +122,13 @@ class ServerOptions:
         "site)",
         Interval(int, 1),
     )
-    refine_deletes: int = setting(
+    refine_trials: int = setting(
         2,
-        "delete proposals in flight per refinement round when refine_moves is on: the "
-        "posterior without a small cluster is refined beside the current one for two rounds "
-        "and replaces it if its exact ELBO is higher (each costs one more set of statistics "
-        "per site and round; 0: merges only)",
+        "delete and split proposals in flight per refinement round when refine_moves is on "
+        "(half each, deletes first): the posterior without its smallest cluster, or with its "
+        "largest split in two, is refined beside the current one for two rounds and replaces "
+        "it if its exact ELBO is higher; each costs one more set of statistics per site and "
+        "round; 0: merges only",
         Interval(int, 0),
     )
     min_cluster_size: int = setting(

@@ -226,6 +226,7 @@ class DeleteTrial:
     track: Track
     cid: int
     count: float
+    kind: str = "delete"
     rounds_left: int = DELETE_ROUNDS
 
 
@@ -247,6 +248,72 @@ def propose_deletes(
         if seen is not None and abs(c - seen) <= max(1.0, 0.01 * seen):
             continue
         out.append(DeleteTrial(track.without(int(k)), cid, c))
+        if len(out) >= n:
+            break
+    return out
+
+
+def split_cluster(posterior: Summaries, k: int) -> Summaries:
+    """A split proposal from summaries only: cluster ``k`` becomes two (``k`` and a new last
+    one), separated by its most uncertain variable ``d`` (largest entropy of its profile):
+    the rows at ``d``'s most probable level, and the others. Each part starts with ``k``'s
+    profile on the other variables, scaled by its share; the sites' local steps on the
+    following rounds then find the actual split (the proposal is only a starting point)."""
+    fam = posterior.spec.family()
+    phi = posterior.profiles()[k]
+    block = fam.block_index()
+    ent = fam.blocksum(-phi * np.log(np.maximum(phi, 1e-300)))
+    if posterior.spec.likelihood == "bernoulli":
+        ent = ent - (1 - phi) * np.log(np.maximum(1 - phi, 1e-300))
+    d = int(np.argmax(ent))
+    cols = np.flatnonzero(block == d)
+    N, S = posterior.counts[k], posterior.sums[k]
+    bern = posterior.spec.likelihood == "bernoulli"
+    top = d if bern else cols[int(np.argmax(phi[cols]))]
+    f = min(max(float(phi[top]), 0.05), 0.95)
+    SA, SB = S * f, S * (1 - f)
+    if not bern:
+        SA[cols], SB[cols] = 0.0, S[cols]
+    SA[top], SB[top] = N * f, 0.0
+
+    def grow(a, new_k, new_extra):
+        out = np.concatenate([a, np.asarray(new_extra)[None]], axis=0)
+        out[k] = new_k
+        return out
+
+    observed = posterior.observed
+    if observed is not None:
+        observed = grow(observed, observed[k] * f, observed[k] * (1 - f))
+    return dataclasses.replace(
+        posterior,
+        counts=grow(posterior.counts, N * f, N * (1 - f)),
+        sums=grow(posterior.sums, SA, SB),
+        entropy=grow(posterior.entropy, posterior.entropy[k] * f, posterior.entropy[k] * (1 - f)),
+        observed=observed,
+    )
+
+
+def propose_splits(
+    track: Track, failed: dict[int, float], busy: set[int], n: int
+) -> list[DeleteTrial]:
+    """Up to ``n`` split proposals, largest cluster first (same memory rule as deletes)."""
+    out: list[DeleteTrial] = []
+    post = track.posterior
+    if n < 1 or post.n_clusters >= post.prior_dim:
+        return out
+    for k in np.argsort(-post.counts, kind="stable"):
+        cid, c = int(track.cids[k]), float(post.counts[k])
+        if cid in busy:
+            continue
+        seen = failed.get(cid)
+        if seen is not None and abs(c - seen) <= max(1.0, 0.01 * seen):
+            continue
+        split = Track(
+            split_cluster(post, int(k)),
+            np.vstack([track.membership, track.membership[k]]),
+            np.append(track.cids, int(track.cids.max()) + 1),
+        )
+        out.append(DeleteTrial(split, cid, c, kind="split"))
         if len(out) >= n:
             break
     return out

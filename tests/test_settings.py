@@ -62,7 +62,7 @@ VALUES = {
         "refine_rounds": (2, "2"),
         "refine_moves": (False, "false"),
         "refine_max_pairs": (8, "8"),
-        "refine_deletes": (0, "0"),
+        "refine_trials": (0, "0"),
         "min_cluster_size": (9, "9"),
         "dp_epsilon": (2.0, "2.0"),
         "dp_delta": (1e-6, "1e-6"),
