@@ -29,6 +29,7 @@ from fedvi.refine_moves import (
     DeleteTrial,
     Track,
     apply_merges,
+    apply_splits,
     propose_deletes,
     propose_pairs,
     propose_splits,
@@ -253,13 +254,14 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
             result.notes.append("refinement skipped: no site allows refinement rounds")
             break
         pairs = propose_pairs(main.posterior, server.refine_max_pairs) if moves else None
+        splits = None
         if moves:
             busy = {t.cid for t in trials}
-            n_del = (server.refine_trials + 1) // 2 - sum(t.kind == "delete" for t in trials)
-            n_split = server.refine_trials // 2 - sum(t.kind == "split" for t in trials)
+            n_del = server.refine_deletes - len(trials)
             trials += propose_deletes(main, failed["delete"], busy, n_del)
-            trials += propose_splits(main, failed["split"], busy, n_split)
-        stats, fixed, pair_h, withheld = [], [], [], {}
+            splits = propose_splits(main, failed["split"], server.refine_splits)
+            split_cids, split_counts = main.cids[splits], main.posterior.counts[splits]
+        stats, fixed, pair_h, moments, withheld = [], [], [], [], {}
         trial_stats = [[] for _ in trials]
         for b, data in enumerate(encoded):
             if not takes_part[b]:
@@ -267,13 +269,16 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
                 continue
             opts = site_fit_options(fit, policies[b])
             if accountants[b] is None:
-                rel = floored_release(data, main.posterior, floors[b], opts, pairs)
+                rel = floored_release(data, main.posterior, floors[b], opts, pairs, splits)
                 st = rel.stats
                 for g in np.flatnonzero(rel.withheld):
                     withheld.setdefault(int(g), []).append(ids[b])
                 if pairs is not None:
                     pair_h.append(rel.pair_entropy)
                     result.sites[ids[b]].add_uplink("refine_moves", [rel.pair_entropy])
+                if splits is not None and len(splits):
+                    moments.append(rel.second)
+                    result.sites[ids[b]].add_uplink("refine_moves", [rel.second])
                 for t, ts in zip(trials, trial_stats, strict=True):
                     ts.append(floored_release(data, t.track.posterior, floors[b], opts).stats)
                     result.sites[ids[b]].add_uplink("refine_moves", encode_refine(ts[-1]))
@@ -293,12 +298,25 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
         if not moves:  # with moves every site refines: no fixed contribution to follow
             fixed_all = [f.subset(kept) for f in fixed_all]
         main = main.after_round(new, kept)
+        # Split candidates in the round's ids (-1: gone or merged this round).
+        at = np.full(0, -1) if splits is None else np.where(kept, np.cumsum(kept) - 1, -1)[splits]
         if pairs is not None and len(pairs):
             p2, h2 = remap_pairs(pairs, kept, np.sum(pair_h, axis=0))
             outcome = apply_merges(main.posterior, p2, h2)
             if outcome.n_merges:
                 main = main.merged(outcome)
                 log["merges"] = outcome.n_merges
+                hit = np.isin(at, outcome.accepted.ravel())
+                at = np.where(hit | (at < 0), -1, outcome.group_of[np.maximum(at, 0)])
+        if len(at):
+            ok = at >= 0
+            done = apply_splits(main.posterior, at[ok], np.sum(moments, axis=0)[ok])
+            if done.split:
+                main = main.split(done)
+                log["splits"] = len(done.split)
+            for cid, count, k in zip(split_cids, split_counts, at, strict=True):
+                if k not in done.split:
+                    failed["split"][int(cid)] = float(count)
         for t, ts in zip(trials, trial_stats, strict=True):
             t_new, _, t_kept = combine_refinement(t.track.posterior, ts, noisy=True)
             t.track = t.track.after_round(t_new, t_kept)
@@ -308,14 +326,21 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
         winner = max(done, key=lambda t: elbo(t.track.posterior), default=None)
         if winner is not None and elbo(winner.track.posterior) > elbo(main.posterior):
             main = winner.track
-            log[winner.kind + "s"] = 1
+            log["deletes"] = 1
             trials = []  # the others were proposals against the replaced posterior
         for t in done:
             if t is not winner or main is not t.track:
-                failed[t.kind][t.cid] = t.count
+                failed["delete"][t.cid] = t.count
+        log["elbo"] = elbo(main.posterior)
+        previous = best_elbo
         if noisy or elbo(main.posterior) >= best_elbo:
             best, best_elbo = main, elbo(main.posterior)
         result.elbo_history.append(best_elbo)
+        moved = log["merges"] or log["deletes"] or log["splits"] or trials
+        small = best_elbo - previous < server.refine_tol * abs(best_elbo)
+        if not (noisy or moved or lowered) and small:
+            result.notes.append(f"refinement converged after {r + 1} rounds")
+            break
     posterior, membership = best.posterior, best.membership
     G = posterior.n_clusters
     one_shot = server.refine_rounds == 0 or len(result.elbo_history) == 2

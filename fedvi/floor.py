@@ -23,6 +23,7 @@ assignment and the pooled ELBO stays exact.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,11 +61,14 @@ class FlooredRelease:
         site unless the run reports it, e.g. in process).
     pair_entropy: ``(M,)`` ``-sum_n (r_j + r_k) log(r_j + r_k)`` of the requested pairs under
         the same responsibilities as ``stats`` (``None`` when no pairs were asked).
+    second: ``(M, P, P)`` ``sum_n r_nk x_n x_n^T`` of the requested clusters (split moves;
+        zeros for a withheld cluster), or ``None``.
     """
 
     stats: Summaries
     withheld: np.ndarray
     pair_entropy: np.ndarray | None = None
+    second: np.ndarray | None = None
 
 
 def floored_release(
@@ -73,11 +77,15 @@ def floored_release(
     floor: int = 1,
     options: FitOptions | None = None,
     pairs: np.ndarray | None = None,
+    second: np.ndarray | None = None,
 ) -> FlooredRelease:
     """A site's statistics per global cluster under the global posterior, restricted to the
     clusters that meet the floor (:func:`releasable`), and the merged-column entropies of
-    ``pairs (M, 2)`` of global clusters under the same responsibilities (one pass more only
-    when the floor withholds a cluster)."""
+    ``pairs (M, 2)`` of global clusters and the second moments of clusters ``second (M,)``
+    under the same responsibilities (one pass more only when the floor withholds a cluster).
+    Second moments are computed with the numpy backend."""
+    if second is not None and options is not None and options.backend != "numpy":
+        options = dataclasses.replace(options, backend="numpy", device="cpu")
     problem = Problem.build(data, posterior.spec, prior_dim=posterior.prior_dim, options=options)
     G = posterior.n_clusters
     pairs = None if pairs is None else np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
@@ -90,7 +98,18 @@ def floored_release(
             pos = np.full(G, -1)
             pos[allowed] = np.arange(len(allowed))
             local = pos[pairs]
-        p = run_pass(problem, source_of(problem, sub), peak=floor > 1, pairs=_usable(local))
+        sec = None
+        if second is not None:
+            pos2 = np.full(G, -1)
+            pos2[allowed] = np.arange(len(allowed))
+            sec = pos2[np.asarray(second, dtype=np.int64)]
+        p = run_pass(
+            problem,
+            source_of(problem, sub),
+            peak=floor > 1,
+            pairs=_usable(local),
+            second=None if sec is None else sec[sec >= 0],
+        )
         if floor <= 1:
             break
         low = ~releasable(p.counts, p.peak, floor)
@@ -118,7 +137,11 @@ def floored_release(
     pair_h = None
     if pairs is not None:
         pair_h = _pair_values(local, p.pair_entropy, entropy, pairs)
-    return FlooredRelease(apply_floor(stats, floor), withheld, pair_h)
+    moments = None
+    if second is not None:
+        moments = np.zeros((len(sec), *p.second.shape[1:]))
+        moments[sec >= 0] = p.second
+    return FlooredRelease(apply_floor(stats, floor), withheld, pair_h, moments)
 
 
 def _usable(local: np.ndarray | None) -> np.ndarray | None:

@@ -122,14 +122,28 @@ class ServerOptions:
         "site)",
         Interval(int, 1),
     )
-    refine_trials: int = setting(
-        2,
-        "delete and split proposals in flight per refinement round when refine_moves is on "
-        "(half each, deletes first): the posterior without its smallest cluster, or with its "
-        "largest split in two, is refined beside the current one for two rounds and replaces "
-        "it if its exact ELBO is higher; each costs one more set of statistics per site and "
-        "round; 0: merges only",
+    refine_deletes: int = setting(
+        1,
+        "delete proposals in flight per refinement round when refine_moves is on: the "
+        "posterior without its smallest cluster is refined beside the current one for two "
+        "rounds and replaces it if its exact ELBO is then higher (each costs one more set of "
+        "statistics per site and round; 0: none)",
         Interval(int, 0),
+    )
+    refine_splits: int = setting(
+        0,
+        "split candidates per refinement round when refine_moves is on: for the largest "
+        "clusters the sites also send sum_n r_nk x_n x_n^T (P x P each), from which the server "
+        "scores every split by one design column exactly and applies the best if the ELBO "
+        "rises (0: none; these second moments are pairwise co-occurrences within a cluster, "
+        "a more detailed release than the sums, so they are opt-in)",
+        Interval(int, 0),
+    )
+    refine_tol: float = setting(
+        1e-6,
+        "refinement stops early when a round raises the ELBO by less than this, relative, and "
+        "no move was accepted or is in flight (0: run every round)",
+        Interval(float, 0),
     )
     min_cluster_size: int = setting(
         5,

@@ -212,6 +212,16 @@ class Track:
             self.cids[first],
         )
 
+    def split(self, outcome: SplitOutcome) -> Track:
+        """After :func:`apply_splits`: each split's part ``B`` is a new cluster (new id)."""
+        n = len(outcome.split)
+        start = int(self.cids.max()) + 1 if len(self.cids) else 0
+        return Track(
+            outcome.posterior,
+            np.vstack([self.membership, self.membership[outcome.split]]),
+            np.concatenate([self.cids, np.arange(start, start + n)]),
+        )
+
     def without(self, k: int) -> Track:
         keep = np.ones(self.posterior.n_clusters, dtype=bool)
         keep[k] = False
@@ -226,7 +236,6 @@ class DeleteTrial:
     track: Track
     cid: int
     count: float
-    kind: str = "delete"
     rounds_left: int = DELETE_ROUNDS
 
 
@@ -253,67 +262,87 @@ def propose_deletes(
     return out
 
 
-def split_cluster(posterior: Summaries, k: int) -> Summaries:
-    """A split proposal from summaries only: cluster ``k`` becomes two (``k`` and a new last
-    one), separated by its most uncertain variable ``d`` (largest entropy of its profile):
-    the rows at ``d``'s most probable level, and the others. Each part starts with ``k``'s
-    profile on the other variables, scaled by its share; the sites' local steps on the
-    following rounds then find the actual split (the proposal is only a starting point)."""
-    fam = posterior.spec.family()
-    phi = posterior.profiles()[k]
-    block = fam.block_index()
-    ent = fam.blocksum(-phi * np.log(np.maximum(phi, 1e-300)))
-    if posterior.spec.likelihood == "bernoulli":
-        ent = ent - (1 - phi) * np.log(np.maximum(1 - phi, 1e-300))
-    d = int(np.argmax(ent))
-    cols = np.flatnonzero(block == d)
-    N, S = posterior.counts[k], posterior.sums[k]
-    bern = posterior.spec.likelihood == "bernoulli"
-    top = d if bern else cols[int(np.argmax(phi[cols]))]
-    f = min(max(float(phi[top]), 0.05), 0.95)
-    SA, SB = S * f, S * (1 - f)
-    if not bern:
-        SA[cols], SB[cols] = 0.0, S[cols]
-    SA[top], SB[top] = N * f, 0.0
+def split_gains(stats: Summaries, k: int, moment: np.ndarray) -> np.ndarray:
+    """``(P,)`` exact ELBO change of splitting cluster ``k`` of ``stats`` (the round's pooled
+    statistics) by design column ``l``: its rows with ``x_nl = 1`` (weights ``r_nk x_nl``)
+    against the others. ``moment (P, P)``: the pooled ``sum_n r_nk x_n x_n^T``.
 
-    def grow(a, new_k, new_extra):
-        out = np.concatenate([a, np.asarray(new_extra)[None]], axis=0)
-        out[k] = new_k
-        return out
-
-    observed = posterior.observed
-    if observed is not None:
-        observed = grow(observed, observed[k] * f, observed[k] * (1 - f))
-    return dataclasses.replace(
-        posterior,
-        counts=grow(posterior.counts, N * f, N * (1 - f)),
-        sums=grow(posterior.sums, SA, SB),
-        entropy=grow(posterior.entropy, posterior.entropy[k] * f, posterior.entropy[k] * (1 - f)),
-        observed=observed,
+    The split moves each row's weight ``r_nk`` whole to one part, so the assignment entropy
+    is unchanged and the gain is minus the merge gain of the two parts: exact from sums. Its
+    parts' statistics are ``N_A = M_ll``, ``S_A = M_l``; ``B`` = cluster ``k`` minus ``A``.
+    Columns that leave a part with less than one row of weight get ``-inf``."""
+    M = np.asarray(moment, dtype=np.float64)
+    P = M.shape[0]
+    NA = np.clip(np.diag(M), 0.0, stats.counts[k])
+    SA = np.clip(M, 0.0, None)
+    NB = stats.counts[k] - NA
+    SB = np.clip(stats.sums[k][None, :] - SA, 0.0, None)
+    parts = dataclasses.replace(
+        stats,
+        counts=np.concatenate([NA, NB]),
+        sums=np.vstack([SA, SB]),
+        entropy=np.zeros(2 * P),
+        observed=None,
     )
+    gain = -merge_gain(parts, np.arange(P), np.arange(P) + P)
+    gain[(NA < 1.0) | (NB < 1.0)] = -np.inf
+    return gain
 
 
-def propose_splits(
-    track: Track, failed: dict[int, float], busy: set[int], n: int
-) -> list[DeleteTrial]:
-    """Up to ``n`` split proposals, largest cluster first (same memory rule as deletes)."""
-    out: list[DeleteTrial] = []
-    post = track.posterior
-    if n < 1 or post.n_clusters >= post.prior_dim:
-        return out
-    for k in np.argsort(-post.counts, kind="stable"):
-        cid, c = int(track.cids[k]), float(post.counts[k])
-        if cid in busy:
+@dataclass(frozen=True)
+class SplitOutcome:
+    """Splits applied in one round: the new posterior (each split cluster keeps its id for
+    part ``A``; part ``B`` is appended), ``split``: the clusters split, ``gains``."""
+
+    posterior: Summaries
+    split: list[int]
+    gains: list[float]
+
+
+def apply_splits(stats: Summaries, ks, moments) -> SplitOutcome:
+    """Split each cluster of ``ks`` by its best column when the exact gain is positive (each
+    split changes only its own cluster's terms and the cluster count, so the gains add up;
+    the prior dimension bounds the number of clusters)."""
+    out, done, gains = stats, [], []
+    for k, M in zip(ks, moments, strict=True):
+        if out.n_clusters >= out.prior_dim or M is None:
+            break
+        g = split_gains(out, int(k), M)
+        col = int(np.argmax(g))
+        if not g[col] > 0:
             continue
-        seen = failed.get(cid)
+        NA, SA = float(np.clip(M[col, col], 0.0, out.counts[k])), np.clip(M[col], 0.0, None)
+        SB = np.clip(out.sums[k] - SA, 0.0, None)
+        counts = np.append(out.counts, out.counts[k] - NA)
+        counts[k] = NA
+        sums = np.vstack([out.sums, SB])
+        sums[k] = SA
+        out = dataclasses.replace(
+            out, counts=counts, sums=sums, entropy=np.append(out.entropy, 0.0)
+        )
+        done.append(int(k))
+        gains.append(float(g[col]))
+    if done and out.spec.variable_selection:
+        c = relevance_step(out, out.relevance)
+        if elbo(out, c) >= elbo(out):
+            out = dataclasses.replace(out, relevance=c)
+    return SplitOutcome(out, done, gains)
+
+
+def propose_splits(track: Track, failed: dict[int, float], n: int) -> np.ndarray:
+    """``(M,)`` clusters whose second moments the next round asks for: up to ``n``, largest
+    first, skipping those whose split failed while their count has not moved by more than one
+    row or 1 % since (``failed``: stable id -> count then)."""
+    post = track.posterior
+    if n < 1 or post.n_clusters >= post.prior_dim or post.observed is not None:
+        return np.zeros(0, dtype=np.int64)
+    out = []
+    for k in np.argsort(-post.counts, kind="stable"):
+        seen = failed.get(int(track.cids[k]))
+        c = float(post.counts[k])
         if seen is not None and abs(c - seen) <= max(1.0, 0.01 * seen):
             continue
-        split = Track(
-            split_cluster(post, int(k)),
-            np.vstack([track.membership, track.membership[k]]),
-            np.append(track.cids, int(track.cids.max()) + 1),
-        )
-        out.append(DeleteTrial(split, cid, c, kind="split"))
+        out.append(int(k))
         if len(out) >= n:
             break
-    return out
+    return np.asarray(out, dtype=np.int64)
