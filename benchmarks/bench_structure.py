@@ -49,6 +49,14 @@ METHODS = (
         f"refined + merge/delete/split ({ROUNDS} rounds)",
         {"refine_rounds": ROUNDS, "refine_splits": 2},
     ),
+    (
+        f"pooled start + merge/delete ({ROUNDS} rounds)",
+        {"refine_rounds": ROUNDS, "refine_start": "pooled"},
+    ),
+    (
+        f"pooled start + merge/delete/split ({ROUNDS} rounds)",
+        {"refine_rounds": ROUNDS, "refine_splits": 2, "refine_start": "pooled"},
+    ),
 )
 
 

@@ -30,6 +30,7 @@ from fedvi.refine_moves import (
     Track,
     apply_merges,
     apply_splits,
+    pooled_start,
     propose_deletes,
     propose_pairs,
     propose_splits,
@@ -243,6 +244,8 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
     noisy = any(a is not None for a in accountants)
     moves = server.refine_moves and not noisy and all(takes_part)
     main = Track(posterior, merged.membership, np.arange(posterior.n_clusters))
+    if moves and server.refine_start == "pooled" and merged.base_map is None:
+        main = pooled_start([f.summaries for f in fits], posterior)
     trials: list[DeleteTrial] = []
     failed: dict[str, dict[int, float]] = {"delete": {}, "split": {}}
     # The best posterior so far is the one applied; a round that lowers the ELBO (a site's
@@ -341,6 +344,8 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
         if not (noisy or moved or lowered) and small:
             result.notes.append(f"refinement converged after {r + 1} rounds")
             break
+    if best_elbo < merged.elbo and not noisy:  # a pooled start that never caught up
+        best = Track(posterior, merged.membership, np.arange(posterior.n_clusters))
     posterior, membership = best.posterior, best.membership
     G = posterior.n_clusters
     one_shot = server.refine_rounds == 0 or len(result.elbo_history) == 2

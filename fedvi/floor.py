@@ -5,15 +5,17 @@ released statistics. Under soft responsibilities a site's statistics for global 
 are weighted sums ``sum_n r_nk (.)``; what bounds one row's part of them is its share of the
 weight, ``r_nk / N_k``. The rule here releases cluster ``k``'s statistics when
 
-    covering_k = N_k / max_n r_nk >= floor,
+    covering_k = N_k / max_n r_nk >= floor   and   N_k >= floor,
 
-i.e. no row holds more than ``1/floor`` of the released weight, exactly the guarantee of a hard
-cluster of ``floor`` rows (and for hard assignments ``covering_k`` is the number of rows). It is
+i.e. no row holds more than ``1/floor`` of the released weight and the weight is that of at
+least ``floor`` rows: exactly the guarantee of a hard cluster of ``floor`` rows (for hard
+assignments both are the number of rows). ``covering_k`` is
 Renyi's effective number of order infinity; the order-2 one, ``N_k^2 / sum_n r_nk^2``, is
 always at least as large and weaker: a posterior that puts ``r = 1`` on one row and spreads
 1.24 rows of weight over many others reaches an order-2 effective number of 5 while that row
 holds 45 % of the statistic. A cluster with many rows of soft membership (e.g. 1,288 rows,
-none above 0.48) covers thousands of rows and is released at every site, whereas the former
+none above 0.48) covers thousands of rows and is released at every site where it holds
+``floor`` rows of weight, whereas the former
 arg-max rule ("owns at least ``floor`` rows") withheld it at the sites where it owned few.
 
 Withheld clusters get none of the site's rows: the local step is redone without them (until
@@ -46,10 +48,12 @@ def covering_rows(counts: np.ndarray, peak: np.ndarray) -> np.ndarray:
 
 
 def releasable(counts: np.ndarray, peak: np.ndarray, floor: float) -> np.ndarray:
-    """``(K,)`` bool: the clusters whose statistics a site may release under ``floor``
-    (:func:`covering_rows` at least ``floor``; a tiny tolerance absorbs rounding so that
-    ``floor`` rows of weight 1 pass)."""
-    return covering_rows(counts, peak) >= float(floor) * (1.0 - 1e-12)
+    """``(K,)`` bool: the clusters whose statistics a site may release under ``floor``: they
+    cover at least ``floor`` rows (:func:`covering_rows`) and hold at least ``floor`` rows of
+    weight (``N_k >= floor``, the count the floor has always bounded). A tiny tolerance
+    absorbs rounding so that ``floor`` rows of weight 1 pass."""
+    f = float(floor) * (1.0 - 1e-12)
+    return (covering_rows(counts, peak) >= f) & (np.asarray(counts, dtype=np.float64) >= f)
 
 
 @dataclass(frozen=True)

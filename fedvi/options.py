@@ -139,6 +139,13 @@ class ServerOptions:
         "a more detailed release than the sums, so they are opt-in)",
         Interval(int, 0),
     )
+    refine_start: str = setting(
+        "merged",
+        "where refinement with refine_moves starts: 'merged' (the one-shot global merge) or "
+        "'pooled' (every site's local clusters side by side, so that the exact merges of the "
+        "refinement rounds, not the one-shot greedy merge, decide which to join)",
+        OneOf("merged", "pooled"),
+    )
     refine_tol: float = setting(
         1e-6,
         "refinement stops early when a round raises the ELBO by less than this, relative, and "

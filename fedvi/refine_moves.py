@@ -40,6 +40,25 @@ from fedvi.summaries import Summaries
 from fedvi.vi import relevance_step
 
 
+def pooled_start(sites: list[Summaries], like: Summaries) -> Track:
+    """The sites' one-shot clusters side by side as a starting posterior for refinement
+    (``refine_start="pooled"``): each cluster holds one site; prior dimension, ``c_d`` and
+    column totals are those of ``like`` (the merged posterior)."""
+    pooled = Summaries.concat(sites)
+    pooled = dataclasses.replace(
+        pooled,
+        prior_dim=like.prior_dim,
+        relevance=like.relevance,
+        column_totals=like.column_totals,
+        column_observed=like.column_observed,
+        n_rows=like.n_rows,
+    )
+    members = np.zeros((pooled.n_clusters, len(sites)), dtype=bool)
+    site_of = np.repeat(np.arange(len(sites)), [s.n_clusters for s in sites])
+    members[np.arange(pooled.n_clusters), site_of] = True
+    return Track(pooled, members, np.arange(pooled.n_clusters))
+
+
 def propose_pairs(posterior: Summaries, max_pairs: int) -> np.ndarray:
     """``(M, 2)`` candidate merges of global clusters, ``j < k``, at most ``max_pairs``.
 

@@ -65,6 +65,7 @@ VALUES = {
         "refine_deletes": (0, "0"),
         "refine_splits": (2, "2"),
         "refine_tol": (1e-4, "1e-4"),
+        "refine_start": ("pooled", "pooled"),
         "min_cluster_size": (9, "9"),
         "dp_epsilon": (2.0, "2.0"),
         "dp_delta": (1e-6, "1e-6"),

@@ -307,3 +307,17 @@ def test_splits_add_a_cluster_the_one_shot_merged():
     assert plain.n_clusters == 1 and split.n_clusters == 2
     assert split.elbo > plain.elbo + 1.0
     assert sum(r["splits"] for r in split.rounds) >= 1
+
+
+def test_a_pooled_start_ends_no_lower_than_the_one_shot_merge():
+    """refine_start='pooled': refinement starts from every site's clusters side by side and the
+    exact merges of the rounds join them; the result is never below the one-shot merge."""
+    d = simulate(1500, 3, 25, seed=5)
+    parts = split_sites(d.z, 3, "dirichlet", seed=5)
+    sites = [d.X[p] for p in parts]
+    one_shot = fedvi.federated_fit(sites, n_components=8, refine_rounds=0)
+    pooled = fedvi.federated_fit(sites, n_components=8, refine_rounds=6, refine_start="pooled")
+    assert pooled.elbo >= one_shot.elbo
+    assert sum(r["merges"] for r in pooled.rounds) > 0  # the rounds did the merging
+    labels = np.concatenate(pooled.labels)
+    assert pooled.n_clusters == len(np.unique(labels)) == 3
