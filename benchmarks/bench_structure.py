@@ -1,28 +1,29 @@
 """Structure after refinement: federated one-shot / refined / refined with global moves against
-the centralised ``MixtureVI`` at equal ``K_init``, on a heterogeneous and a real survey split.
+the centralised ``MixtureVI`` at equal ``K_init``, on a heterogeneous and two real survey splits.
 
-    python benchmarks/bench_structure.py                # both cases, seeds 0-2
+    python benchmarks/bench_structure.py                # 3 cases, seeds 0-2 (about 2 minutes)
     python benchmarks/bench_structure.py --quick        # digits only, seed 0
+    python benchmarks/bench_structure.py --cases fair --seeds 2
 
-Cases (data shipped inside packages; nothing is downloaded):
+Cases (data shipped inside packages; nothing is downloaded; docs/experiments.md describes them):
 
-- ``digits``: scikit-learn's 1,797 8x8 digits, binarised (pixel > 8, pixels on in < 1 % of
-  images dropped), over 5 sites split by class (each digit lives on 2 sites, so each site holds
-  about 4 classes); ``K_init`` 20 per site and for the centralised fit.
-- ``anes96``: statsmodels' 1996 American National Election Study extract (944 respondents),
-  8 categorical items (TV news days, left-right self-placement and placement of Clinton and
-  Dole, party identification, education, income in 6 bands, vote), over 5 sites = quintiles of
-  the population of the respondent's place of residence (urban to rural); ``K_init`` 20.
+- ``digits``: scikit-learn's 1,797 8x8 digits, binarised, 5 sites split by class (each digit
+  on 2 sites, so each site holds about 4 classes).
+- ``fair``: statsmodels' ``fair`` survey (6,366 rows), 8 categorical items, 5 sites = age bands.
+- ``anes96``: statsmodels' 1996 ANES extract (944 rows), 8 categorical items, 5 sites =
+  quintiles of the population of the place of residence.
 
-Every fit runs with the sites' noiseless setting (no differential-privacy noise) and the default
-site policy (disclosure floor 5). For each seed ``s`` the federated fits use ``seed=s`` and the
-centralised fit ``MixtureVI(seed=s)`` on the pooled rows (in the sites' order). ELBOs are
-compared at the same prior dimension: the centralised ELBO is re-evaluated with the federated
-prior dimension ``sum_b K_init`` (the same posterior; only the Dirichlet normaliser changes).
-Printed per method: mean ELBO over seeds and its difference to the centralised one, K per seed,
-mean ARI against the centralised fit of the same seed, refinement rounds not applied (the
-floor), and kB all sites sent after the one-shot summaries (refinement and move statistics).
-The last line per case is the centralised fit's own seed-to-seed ARI (mean over seed pairs).
+``K_init`` 20 per site and for the centralised fit. Every fit runs with the sites' noiseless
+setting (no differential-privacy noise), the default site policy (disclosure floor 5) and
+``refine_tol=1e-6`` (refinement stops once converged). For each seed ``s`` the federated fits
+use ``seed=s`` and the centralised fit ``MixtureVI(seed=s)`` on the pooled rows (in the sites'
+order). ELBOs are compared at the same prior dimension: the centralised ELBO is re-evaluated
+with the federated prior dimension ``sum_b K_init`` (the same posterior; only the Dirichlet
+normaliser changes). Printed per method: mean ELBO over seeds and its difference to the
+centralised one, K per seed, mean ARI against the centralised fit of the same seed, refinement
+rounds run and not applied (the floor), moves accepted, and kB all sites sent after the
+one-shot summaries. The last line per case is the centralised fit's own seed-to-seed ARI (mean
+over seed pairs).
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ CASES = {"digits": digits_case, "fair": fair_case, "anes96": anes96_case}
 def run_case(name: str, seeds) -> list[str]:
     sites, likelihood = CASES[name]()
     pooled = np.vstack(sites)
-    kw = {"likelihood": likelihood, "n_components": K_INIT, "dp_epsilon": None}
+    kw = {"likelihood": likelihood, "n_components": K_INIT, "dp_epsilon": None, "refine_tol": 1e-6}
     prior_dim = K_INIT * len(sites)
     central = {}
     for s in seeds:

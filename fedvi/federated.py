@@ -338,7 +338,7 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
         previous = best_elbo
         if noisy or elbo(main.posterior) >= best_elbo:
             best, best_elbo = main, elbo(main.posterior)
-        result.elbo_history.append(best_elbo)
+            result.elbo_history.append(best_elbo)  # the ELBO after each applied round
         moved = log["merges"] or log["deletes"] or log["splits"] or trials
         small = best_elbo - previous < server.refine_tol * abs(best_elbo)
         if not (noisy or moved or lowered) and small:

@@ -147,7 +147,7 @@ class ServerOptions:
         OneOf("merged", "pooled"),
     )
     refine_tol: float = setting(
-        1e-6,
+        0.0,
         "refinement stops early when a round raises the ELBO by less than this, relative, and "
         "no move was accepted or is in flight (0: run every round)",
         Interval(float, 0),

@@ -60,7 +60,8 @@ class FederatedResult:
 
     model: the global :class:`FittedModel` (``None`` if the run failed before the merge).
     sites: :class:`SiteReport` per partition id. merge: the :class:`GlobalMerge`.
-    elbo_history: global ELBO before and after the merge and after each refinement round.
+    elbo_history: global ELBO before and after the merge and after each applied refinement
+        round (``rounds`` lists every round run).
     failures: one dict per failure (``phase``, ``site``, ``node``, ``error``).
     status: ``"completed"``, ``"completed_with_failures"`` or ``"failed"``.
     timings: server wall-clock per phase. label_mode: how the labels were made.

@@ -64,7 +64,7 @@ VALUES = {
         "refine_max_pairs": (8, "8"),
         "refine_deletes": (0, "0"),
         "refine_splits": (2, "2"),
-        "refine_tol": (1e-4, "1e-4"),
+        "refine_tol": (1e-6, "1e-6"),
         "refine_start": ("pooled", "pooled"),
         "min_cluster_size": (9, "9"),
         "dp_epsilon": (2.0, "2.0"),
