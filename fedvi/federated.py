@@ -336,11 +336,12 @@ def _finish(result, merged: GlobalMerge, fits, encoded, policies, ids, server, f
                 failed["delete"][t.cid] = t.count
         log["elbo"] = elbo(main.posterior)
         previous = best_elbo
-        if noisy or elbo(main.posterior) >= best_elbo:
+        # Applied: not lower than the best so far (to the tolerance of combine_refinement).
+        if noisy or elbo(main.posterior) >= best_elbo - 1e-8 * abs(best_elbo):
             best, best_elbo = main, elbo(main.posterior)
             result.elbo_history.append(best_elbo)  # the ELBO after each applied round
         moved = log["merges"] or log["deletes"] or log["splits"] or trials
-        small = best_elbo - previous < server.refine_tol * abs(best_elbo)
+        small = server.refine_tol > 0 and best_elbo - previous < server.refine_tol * abs(best_elbo)
         if not (noisy or moved or lowered) and small:
             result.notes.append(f"refinement converged after {r + 1} rounds")
             break
