@@ -13,16 +13,24 @@ floored_release`). It is a sum over rows, so it adds up across sites (and under 
 aggregation) like the other statistics, and the merged ELBO of the round's pooled assignment
 is then exact: counts and sums add, the entropy of the pair becomes ``sum_b H_jk^(b)``.
 
-Deletes are folded into merges. An exact delete of cluster ``k`` needs the statistics of the
-site's rows re-assigned without ``k``: a full ``(G, P)`` set per candidate and site, or one
-more round per candidate. A merge of ``k`` into a partner is an exact, one-scalar restricted
-delete (its rows all go to the partner), and the coordinate-ascent rounds that follow move them
-on to whichever clusters fit them best, each round not lowering the ELBO; a cluster left with no
-rows at the end is removed by :func:`fedvi.settle.settle_clusters`. So each cluster, smallest
-first, proposes its best partner ("delete" candidates) before the other pairs.
-
 Proposals come from the summary-only bound: a pair whose bound is not positive can never be
-accepted. Acceptance is exact: disjoint pairs best first while the exact gain is positive.
+accepted; each cluster's best partner first, smallest cluster first (a merge into a partner is
+a one-scalar restricted delete), then the other pairs. Acceptance is exact: disjoint pairs best
+first while the exact gain is positive.
+
+Deletes. An exact delete of cluster ``k`` needs the statistics of the rows re-assigned without
+``k``: a full ``(G, P)`` set per candidate and site. A :class:`DeleteTrial` is the posterior
+without ``k``, refined beside the current one for :data:`DELETE_ROUNDS` rounds (the sites
+answer both); it replaces the current posterior if its exact ELBO is then higher.
+
+Splits (opt-in). Merges and deletes only lower K. For a few large clusters the sites also send
+``sum_n r_nk x_n x_n^T``; splitting ``k`` by one design column moves each row's weight whole
+to one part, so the entropy is unchanged and :func:`split_gains` is exact from sums.
+
+Everything here is a pure function of summaries (the server's side), except
+:func:`pair_entropies` (the site's). :class:`Track` follows a posterior, its membership and
+stable cluster ids through rounds; the loop that drives them is in
+:func:`fedvi.federated._finish` (the coordinator ports it).
 """
 
 from __future__ import annotations
