@@ -11,9 +11,9 @@ from scipy.special import xlogy
 
 import fedvi
 from fedvi.__main__ import main as cli
+from fedvi.coordinator import refusal_note
 from fedvi.data import encode
 from fedvi.elbo import elbo
-from fedvi.coordinator import refusal_note
 from fedvi.floor import covering_rows, floored_release, releasable
 from fedvi.io import read_labels, write_labels
 from fedvi.labels import global_responsibilities
