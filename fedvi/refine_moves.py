@@ -29,8 +29,9 @@ to one part, so the entropy is unchanged and :func:`split_gains` is exact from s
 
 Everything here is a pure function of summaries (the server's side), except
 :func:`pair_entropies` (the site's). :class:`Track` follows a posterior, its membership and
-stable cluster ids through rounds; the loop that drives them is in
-:func:`fedvi.federated._finish` (the coordinator ports it).
+stable cluster ids through rounds; the rounds that drive them are
+:class:`fedvi.coordinator.Coordinator`'s (both engines), the site's side is
+:class:`fedvi.site_agent.SiteAgent`'s.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 ``MixtureVI`` removes a cluster that is the most probable cluster of no row. The federated run
 does the same at its end: a global cluster that no site's labels use (every site that reported
 its label counts reported 0), or whose posterior count is noise-level, is removed, so
-``n_clusters`` is the number of distinct labels. Pure functions: the in-process run
-(:func:`fedvi.federated_fit`, :func:`fedvi.extend`) and the Flower coordinator call them.
+``n_clusters`` is the number of distinct labels. Pure functions: the coordinator
+(:meth:`fedvi.coordinator.Coordinator._settle`) calls them, on both engines.
 """
 
 from __future__ import annotations
