@@ -70,10 +70,11 @@ class FederatedResult:
     notes: what the run decided on the way (e.g. a refinement round skipped, and why).
     privacy: secure aggregation and differential-privacy settings and spending.
     rounds: one dict per refinement round run (``round``, ``applied``, ``withheld``: global
-        cluster -> sites whose floor withheld it, ``merges``: global merges accepted in it,
-        ``candidates``: pairs scored).
-    id_map: after :func:`fedvi.extend`, ``(G_old,)`` new id of each cluster of the extended
-        model (``-1``: removed); ``None`` otherwise.
+        cluster -> sites whose floor withheld it (none named under secure aggregation),
+        ``merges``, ``splits``, ``deletes``: moves accepted in it, ``candidates``: pairs
+        scored, ``elbo``: of the posterior the next round starts from).
+    id_map: after :func:`fedvi.extend` (or a run that resumes a model), ``(G_old,)`` new id
+        of each cluster of the extended model (``-1``: removed); ``None`` otherwise.
     """
 
     model: FittedModel | None = None
