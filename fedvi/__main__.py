@@ -3,13 +3,17 @@ or run a quick in-process demo.
 
     python -m fedvi label --model model.npz --data new.csv --out labels.csv
     python -m fedvi ledger --state-dir /secure/fedvi-state
+    python -m fedvi label --model extended.npz --relabel old_labels.csv --out labels.csv
     python -m fedvi demo --sites 5 --rows 10000
     python -m fedvi app-hash path/to/fedvi-app
     python -m fedvi site --app-sha256 <hash> --superlink host:port --port 9094 --node-config ...
 
 ``label`` runs on the site, on its own rows only: it reads the model file (the global
 posterior, no data), validates the table against the model's schema (columns matched by name
-where the file has a header) and writes each row's global cluster. ``demo`` (the default)
+where the file has a header) and writes each row's global cluster. With ``--relabel`` it
+instead renumbers a labels file written under the model that :func:`fedvi.extend` extended
+(the extended model records the old-to-new ids), so an earlier site's labels need no new
+pass over its rows. ``demo`` (the default)
 clusters a built-in simulated study over several sites in one process. ``ledger`` prints the
 site's audit log (one line per release and refusal, :mod:`fedvi.ledger`) as a table, with the
 totals of the last period (releases, refusals, runs, epsilon spent). ``app-hash`` prints the
@@ -43,7 +47,69 @@ def _write(path: str, labels: np.ndarray, model: str | None = None) -> str:
     return write_labels(path, labels, model=model)
 
 
+def _read_labels(path: str) -> np.ndarray:
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npy":
+        return np.asarray(np.load(path, allow_pickle=False), dtype=np.int64).ravel()
+    if ext == ".parquet":
+        from fedvi.io import read_column
+
+        return np.asarray(read_column(path, "cluster"), dtype=np.int64)
+    from fedvi.io import read_labels
+
+    return read_labels(path)
+
+
+def relabel(args) -> int:
+    """Renumber an old labels file with the id map an extended model records."""
+    from fedvi.model import ModelFileError, load_model
+
+    try:
+        model = load_model(args.model)
+        old = _read_labels(args.relabel)
+    except (ModelFileError, OSError, ValueError) as exc:
+        print(f"fedvi label: {exc}", file=sys.stderr)
+        return 2
+    info = model.info.get("id_map")
+    if not info:
+        print(
+            f"fedvi label: {args.model} records no id map (only a model made by fedvi.extend "
+            "does): label the rows with --data instead",
+            file=sys.stderr,
+        )
+        return 2
+    id_map = np.asarray(info["map"], dtype=np.int64)
+    bad = (old < 0) | (old >= len(id_map))
+    if bad.any():
+        print(
+            f"fedvi label: {args.relabel} has {int(bad.sum())} label(s) outside the "
+            f"{len(id_map)} clusters of the model that was extended (first: "
+            f"{int(old[bad][0])}); is it a labels file of that model?",
+            file=sys.stderr,
+        )
+        return 2
+    new = id_map[old]
+    from fedvi.label_files import model_hash
+
+    out = _write(args.out, new, model=model_hash(model.posterior))
+    lost = int((new < 0).sum())
+    print(
+        f"fedvi label: {len(new)} labels of {args.relabel} renumbered to the clusters of "
+        f"{args.model}; written to {out}"
+        + (f" ({lost} rows were in removed clusters: -1; label them with --data)" if lost else "")
+    )
+    return 0
+
+
 def label(args) -> int:
+    if args.relabel:
+        return relabel(args)
+    if not args.data:
+        print(
+            "fedvi label: give --data (a table to label) or --relabel (a labels file)",
+            file=sys.stderr,
+        )
+        return 2
     from fedvi.data import DataError, encode
     from fedvi.io import read_table
     from fedvi.label_files import model_hash
@@ -158,7 +224,13 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command")
     lab = sub.add_parser("label", help="label a table's rows with a fitted model (on the site)")
     lab.add_argument("--model", required=True, help="model file (model.npz of a run)")
-    lab.add_argument("--data", required=True, help="the table: .csv, .parquet, .npy or .npz")
+    lab.add_argument("--data", help="the table: .csv, .parquet, .npy or .npz")
+    lab.add_argument(
+        "--relabel",
+        default=None,
+        help="an old site's labels file (.csv, .parquet, .npy) to renumber to the ids of a "
+        "model made by fedvi.extend (instead of --data)",
+    )
     lab.add_argument(
         "--out", required=True, help="labels file: .csv (row,cluster,model), .parquet, .npy"
     )

@@ -17,9 +17,18 @@ Every rule of the run lives here once:
   (on both engines), and the run goes on while ``min_sites`` remain;
 - one-shot vs refined: a run is one-shot when no refinement round was applied; only a
   one-shot run may label with the local-to-global map (``label_mode="map"``);
-- refinement acceptance: :func:`combine_refinement` (the ELBO must not fall, unless the
-  statistics carry DP noise); a round with a missing or malformed site is not applied and
-  ends refinement;
+- refinement (docs/method.md §7-8): each round is one CAVI step on the pooled rows; a round
+  that would lower the ELBO (a site's floor withheld a cluster) is not applied, is reported
+  with the clusters and sites whose floor withheld statistics, and the next round starts from
+  it while the best posterior is kept (unless the statistics carry DP noise: every round is
+  applied); with ``refine_moves`` (noiseless, every site refining) each round carries merge
+  pairs, split candidates and delete trials (:mod:`fedvi.refine_moves`) whose exact scores
+  come from the summed replies; ``refine_tol`` ends refinement once a round without moves
+  gains less; a round with a missing or malformed site is not applied and ends refinement;
+- one meaning of K: after labelling, global clusters that own no rows are removed
+  (:func:`fedvi.settle.settle_clusters`), with one more exact refinement round and a label
+  round (or, without refinement, a label round) so that the sites' labels use the new ids;
+  a resumed model's old-to-new ids are recorded (``result.id_map``, model info ``id_map``);
 - the merge: :func:`fedvi.global_merge` (into the resumed model's clusters when resuming);
 - every reply is checked (:mod:`fedvi.reply_checks`) before use: a bad reply is refused,
   its site named (``malformed``) and the run goes on without it;
@@ -41,25 +50,40 @@ from fedvi.elbo import elbo
 from fedvi.global_merge import check_compatible, global_merge
 from fedvi.model import FittedModel
 from fedvi.options import FitOptions, ServerOptions
+from fedvi.policy import PolicyRefusal
 from fedvi.protocol import (
     LabelReply,
     LocalReply,
     Phase,
     Preflight,
+    RefineMoves,
     RefineReply,
     Request,
-    decode_refine,
+    decode_refine_reply,
     encode_refine,
     variable_hashes,
+)
+from fedvi.refine_moves import (
+    DeleteTrial,
+    Track,
+    apply_merges,
+    apply_splits,
+    pooled_start,
+    propose_deletes,
+    propose_pairs,
+    propose_splits,
+    remap_pairs,
 )
 from fedvi.reply_checks import (
     BadReply,
     check_label_counts,
+    check_move_statistics,
     check_preflight,
     check_refinement,
     check_summaries,
 )
 from fedvi.result import FederatedResult, SiteReport
+from fedvi.settle import settle_clusters
 from fedvi.spec import MixtureSpec
 from fedvi.summaries import Summaries
 from fedvi.vi import relevance_step
@@ -192,6 +216,30 @@ def combine_refinement(
     return new, True, keep
 
 
+def refusal_note(round_no: int, withheld: dict[int, list[int]]) -> str:
+    """Why refinement round ``round_no`` was not applied, naming the clusters and sites whose
+    floor withheld statistics (the usual cause; no sites named under secure aggregation, where
+    the server sees only the sum)."""
+    text = (
+        f"refinement round {round_no} not applied: it would have lowered the ELBO; the next "
+        "round starts from it and the best posterior is kept"
+    )
+    if withheld:
+        parts = "; ".join(
+            f"cluster {g} at site(s) {', '.join(map(str, s))}"
+            if s
+            else f"cluster {g} (at every site; secure aggregation names none)"
+            for g, s in sorted(withheld.items())
+        )
+        return text + f" (the sites' disclosure floors withheld: {parts})"
+    return text + " (no site's floor withheld a cluster)"
+
+
+#: Label rounds after the first, each after removing clusters that own no rows (with a
+#: refinement round before it when the run refines): the rounds the engines plan for it.
+SETTLE_PASSES = 2
+
+
 def fixed_contribution(summaries: Summaries, mapping: np.ndarray, n_clusters: int) -> Summaries:
     """A site's one-shot statistics per global cluster (what it contributes when it does not
     take part in refinement): its local clusters summed by ``mapping``."""
@@ -278,6 +326,8 @@ class Coordinator:
         self.phases = (
             [Phase.PREFLIGHT, Phase.LOCAL] + [Phase.REFINE] * self.server.refine_rounds
         ) + [Phase.LABEL]
+        # Slots after the label round, used only when clusters that own no rows are removed.
+        self.plan = self.phases + [Phase.REFINE, Phase.LABEL] * SETTLE_PASSES
         self.result = FederatedResult(label_mode=self.server.label_mode)
         self.result.privacy = {
             "secure_aggregation": self.secure_aggregation,
@@ -298,7 +348,18 @@ class Coordinator:
         self.schema_told: set[int] = set()  # left out for their schema; told in round 2
         self.refining = True
         self.refined = 0  # refinement rounds applied
-        self._next = 0  # index in self.phases
+        self.refine_runs = 0  # refinement rounds run
+        self.moves = False  # refinement moves on (decided after the merge)
+        self.main: Track | None = None  # the posterior refinement goes on from
+        self.best: Track | None = None  # the best applied one
+        self.best_elbo = -np.inf
+        self.trials: list[DeleteTrial] = []
+        self.failed_moves: dict[str, dict[int, float]] = {"delete": {}, "split": {}}
+        self._split_plan: tuple[np.ndarray, np.ndarray] | None = None
+        self.settle_map: np.ndarray | None = None  # (G_merge,) ids after settling (-1: gone)
+        self._pending: str | None = None  # settling: "refit" (refine, label) or "label"
+        self._labelled = False
+        self._next = 0  # index in self.plan
         self._open: Round | None = None
         self._t0 = 0.0
         self.done = False
@@ -358,7 +419,14 @@ class Coordinator:
                 "cause": failure.cause,
             }
         )
-        if site is not None and phase is not Phase.LABEL:
+        # A site that refused a refinement round by its own policy (a cap, its budget) keeps
+        # its one-shot statistics and still labels; any other failure leaves it out.
+        refused = (
+            phase is Phase.REFINE
+            and failure.cause == "site_error"
+            and failure.detail.startswith(PolicyRefusal.PREFIX)
+        )
+        if site is not None and phase is not Phase.LABEL and not refused:
             rep = self._report(site)
             rep.status, rep.error = "failed", failure.message
             if failure.node is not None and rep.node_id is None:
@@ -401,13 +469,21 @@ class Coordinator:
         return secagg.secagg_scale(bound)
 
     # --- rounds -------------------------------------------------------------------------------
-    def request(self, phase: Phase, site: int | None = None, secure: bool = False) -> Request:
+    def request(
+        self,
+        phase: Phase,
+        site: int | None = None,
+        secure: bool = False,
+        moves: RefineMoves | None = None,
+    ) -> Request:
         """The request of ``phase`` for ``site`` (the same for every site, except map labels)."""
         posterior = mapping = None
         if phase in (Phase.REFINE, Phase.LABEL):
             posterior = self.posterior
         if phase is Phase.LABEL and self.result.label_mode == "map":
-            mapping = self.result.sites[site].mapping
+            # A local cluster whose global cluster was removed (settling) labels no rows: any
+            # valid id serves.
+            mapping = np.maximum(self.result.sites[site].mapping, 0)
         return Request(
             phase=phase,
             spec=self.agreed_spec or self.spec,
@@ -418,16 +494,47 @@ class Coordinator:
             mapping=mapping,
             secagg_scale=self.secagg_scale() if secure else None,
             variable_order=None if phase is Phase.PREFLIGHT else self.variable_order,
+            moves=moves,
         )
+
+    def _propose(self) -> RefineMoves | None:
+        """The moves the next refinement round carries (:mod:`fedvi.refine_moves`): pairs
+        to score, split candidates and the delete trials in flight (new ones proposed)."""
+        if not self.moves or self._pending is not None:
+            return None
+        main, server = self.main, self.server
+        pairs = propose_pairs(main.posterior, server.refine_max_pairs)
+        busy = {t.cid for t in self.trials}
+        n_del = server.refine_deletes - len(self.trials)
+        self.trials += propose_deletes(main, self.failed_moves["delete"], busy, n_del)
+        splits = propose_splits(main, self.failed_moves["split"], server.refine_splits)
+        self._split_plan = (main.cids[splits], main.posterior.counts[splits])
+        return RefineMoves(pairs, splits, tuple(t.track.posterior for t in self.trials))
+
+    def _end_refinement(self) -> None:
+        """Refinement is over: the best applied posterior is the run's (a pooled start that
+        never caught up with the one-shot merge gives way to the merge)."""
+        if self.best is None or self._labelled:
+            return
+        best, merged = self.best, self.result.merge
+        if self.best_elbo < merged.elbo and not self.noisy:
+            best = Track(merged.posterior, merged.membership, np.arange(merged.n_clusters))
+        self.posterior, self.membership = best.posterior, best.membership
+        self.trials = []
 
     def next_round(self) -> Round | None:
         """The next round to run, or ``None`` when the run is over (:attr:`result` settled)."""
         if self._open is not None:
             raise RuntimeError(f"round {self._open.number} has not been accepted yet")
-        while self._next < len(self.phases) and not self.done:
-            number, phase = self._next + 1, self.phases[self._next]
+        while self._next < len(self.plan) and not self.done:
+            number, phase = self._next + 1, self.plan[self._next]
             self._next += 1
-            if phase is Phase.REFINE and not self.refining:
+            settling = self._next > len(self.phases)
+            if settling and phase is Phase.REFINE and self._pending != "refit":
+                continue
+            if settling and phase is Phase.LABEL and self._pending is None:
+                continue
+            if phase is Phase.REFINE and not (self.refining or settling):
                 continue
             sites = self.participants(phase)
             if phase is Phase.LOCAL:
@@ -449,13 +556,15 @@ class Coordinator:
             if phase is Phase.REFINE and not sites:
                 self._stop_refining("no site allows refinement rounds")
                 continue
-            if phase is Phase.LABEL:
+            if phase is Phase.LABEL and not self._labelled:
+                self._end_refinement()
                 use_map = self.server.label_mode == "map" and self.one_shot
                 self.result.label_mode = "map" if use_map else "posterior"
             if phase is Phase.LABEL and self.result.label_mode == "map":
                 requests = {s: self.request(phase, s, secure) for s in sites}
             else:
-                common = self.request(phase, None, secure)
+                moves = self._propose() if phase is Phase.REFINE else None
+                common = self.request(phase, None, secure, moves)
                 requests = dict.fromkeys(sites, common)
             self._open = Round(number, phase, requests, secure)
             self._t0 = time.perf_counter()
@@ -515,8 +624,11 @@ class Coordinator:
                 Phase.LABEL: self._label,
             }[phase]
             handler(rnd, good, summed, nodes)
-            if phase is Phase.LABEL:  # always the last round
-                self._finish()
+            if phase is Phase.LABEL:
+                self._labelled = True
+                self._settle(rnd)
+                if self._pending is None:  # nothing left to settle: the last round
+                    self._finish()
         except Exception as exc:
             self.done = True
             self.result.settle(exc)
@@ -658,57 +770,225 @@ class Coordinator:
                 self.fixed[s] = fixed_contribution(
                     rep.summaries, rep.mapping, self.posterior.n_clusters
                 )
+        G = merged.n_clusters
+        self.settle_map = np.arange(G)
+        self.main = Track(merged.posterior, merged.membership, np.arange(G))
+        # Moves need exact sums from every site that refines (no noise, no fixed part).
+        self.moves = bool(
+            self.server.refine_moves
+            and self.server.refine_rounds > 0
+            and not self.noisy
+            and not self.fixed
+            and self.resume is None
+        )
+        if self.moves and self.server.refine_start == "pooled":
+            local = [self.result.sites[s].summaries for s in sites]
+            self.main = pooled_start(local, merged.posterior)
+            self.posterior, self.membership = self.main.posterior, self.main.membership
+        self.best, self.best_elbo = self.main, float(elbo(self.main.posterior))
 
     def _refine(self, rnd, good, summed, nodes) -> None:
-        post = self.posterior
+        settling = self._pending == "refit"
+        if settling:  # whatever happens, the label round follows
+            self._pending = "label"
+        req = rnd.requests[rnd.sites[0]]
         missing = [s for s in rnd.sites if s not in good]
         if missing:
             self._stop_refining(f"sites {missing} did not answer round {rnd.number}")
             return
-        noisy = self.noisy
-        stats: list[Summaries] = []
+        replies = self._refine_replies(rnd, req, good, summed)
+        if replies is None:
+            return
+        if settling:
+            self._refit(self.posterior, replies)
+        else:
+            self._refine_step(req, replies)
+
+    def _refine_replies(self, rnd, req, good, summed) -> dict[int, RefineReply] | None:
+        """The round's checked replies: per site, or one for the secure sum (site ``-1``);
+        ``None`` when refinement stops because of a malformed one."""
+        noisy, post = self.noisy, self.posterior
         if rnd.secure:
             try:
                 if summed is None or sorted(summed.sites) != rnd.sites:
                     raise BadReply("the secure sum does not cover the sites asked")
                 n_rows = sum(self.result.sites[s].n_rows for s in rnd.sites)
-                total = decode_refine(summed.values, post, n_rows)
-                check_refinement(total, post, n_rows, noisy)
+                total = decode_refine_reply(summed.values, req, n_rows)
+                check_refinement(total.stats, post, n_rows, noisy)
+                check_move_statistics(total, req, n_rows)
             except (BadReply, ValueError) as exc:
                 for s in rnd.sites:
                     self.fail(rnd.phase, s, Failure("malformed", f"secure sum: {exc}"))
                 self._stop_refining("the securely summed statistics were malformed")
-                return
-            stats.append(total)
+                return None
+            width = len(encode_refine(total.stats))
             for s in rnd.sites:
                 self._seconds(rnd.phase, s, good[s])
-                self.result.sites[s].add_uplink("refine", summed.values)
-        else:
-            for site, reply in good.items():
-                try:
-                    if not isinstance(reply, RefineReply):
-                        raise BadReply("not a refine reply")
-                    check_refinement(reply.stats, post, self.result.sites[site].n_rows, noisy)
-                except BadReply as exc:
-                    self.fail(rnd.phase, site, Failure("malformed", str(exc), self._node(site)))
-                    self._stop_refining(f"site {site} sent malformed statistics")
-                    return
-                stats.append(reply.stats)
-            for site, reply in good.items():
-                self._seconds(rnd.phase, site, reply)
-                self.result.sites[site].add_uplink("refine", encode_refine(reply.stats))
-        new, accepted, kept = combine_refinement(post, stats, list(self.fixed.values()), noisy)
-        if not accepted:
-            self._stop_refining(
-                f"round {rnd.number} would have lowered the ELBO (sites' floors restricted "
-                "their assignments)"
+                self.result.sites[s].add_uplink("refine", summed.values[:width])
+                if req.moves is not None:
+                    self.result.sites[s].add_uplink("refine_moves", summed.values[width:])
+            return {-1: total}
+        for site, reply in good.items():
+            try:
+                if not isinstance(reply, RefineReply):
+                    raise BadReply("not a refine reply")
+                n_rows = self.result.sites[site].n_rows
+                check_refinement(reply.stats, post, n_rows, noisy)
+                check_move_statistics(reply, req, n_rows)
+            except BadReply as exc:
+                self.fail(rnd.phase, site, Failure("malformed", str(exc), self._node(site)))
+                self._stop_refining(f"site {site} sent malformed statistics")
+                return None
+        for site, reply in good.items():
+            self._seconds(rnd.phase, site, reply)
+            arrays = reply.to_arrays()
+            width = len(encode_refine(reply.stats))
+            self.result.sites[site].add_uplink("refine", arrays[:width])
+            if req.moves is not None:
+                self.result.sites[site].add_uplink("refine_moves", arrays[width:])
+        return dict(good)
+
+    def _refine_step(self, req: Request, replies: dict[int, RefineReply]) -> None:
+        """One refinement round (docs/method.md §7): the pooled CAVI step, the exact merges,
+        splits and delete trials, the best posterior and convergence."""
+        noisy, moves, server = self.noisy, req.moves, self.server
+        self.refine_runs += 1
+        r = self.refine_runs
+        main, best_elbo = self.main, self.best_elbo
+        withheld: dict[int, list[int]] = {}
+        if not noisy:  # a withheld cluster is released as zeros by the site
+            for site, reply in sorted(replies.items()):
+                for g in np.flatnonzero((reply.stats.counts == 0) & (main.posterior.counts > 0)):
+                    withheld.setdefault(int(g), []).extend([] if site < 0 else [site])
+        stats = [rep.stats for rep in replies.values()]
+        new, _, kept = combine_refinement(main.posterior, stats, list(self.fixed.values()), True)
+        lowered = not noisy and elbo(new) < best_elbo - 1e-8 * abs(best_elbo)
+        pairs = None if moves is None else moves.pairs
+        log = {"round": r, "applied": not lowered, "withheld": withheld, "merges": 0}
+        log.update(candidates=0 if pairs is None else len(pairs), deletes=0, splits=0)
+        self.result.rounds.append(log)
+        if lowered:
+            self.result.notes.append(refusal_note(r, withheld))
+        self.fixed = {s: f.subset(kept) for s, f in self.fixed.items()}
+        main = main.after_round(new, kept)
+        if moves is not None:
+            main = self._apply_moves(main, moves, kept, list(replies.values()), log)
+        log["elbo"] = float(elbo(main.posterior))
+        # Applied: not lower than the best so far (to the tolerance of combine_refinement).
+        if noisy or log["elbo"] >= best_elbo - 1e-8 * abs(best_elbo):
+            self.best, self.best_elbo = main, log["elbo"]
+            self.refined += 1
+            self.result.elbo_history.append(self.best_elbo)  # after each applied round
+        self.main = main
+        self.posterior, self.membership = main.posterior, main.membership
+        moved = log["merges"] or log["deletes"] or log["splits"] or self.trials
+        gain = self.best_elbo - best_elbo
+        small = server.refine_tol > 0 and gain < server.refine_tol * abs(self.best_elbo)
+        if not (noisy or moved or lowered) and small and self.refining:
+            self.refining = False
+            self.result.notes.append(f"refinement converged after {r} rounds")
+
+    def _apply_moves(self, main: Track, moves: RefineMoves, kept, replies, log) -> Track:
+        """Score and apply the round's merges, splits and delete trials from the summed
+        replies (exact ELBO; :mod:`fedvi.refine_moves`)."""
+        splits = moves.splits
+        split_cids, split_counts = self._split_plan
+        # Split candidates in the round's ids (-1: gone or merged this round).
+        at = np.where(kept, np.cumsum(kept) - 1, -1)[splits] if len(splits) else np.full(0, -1)
+        if len(moves.pairs):
+            pair_h = np.sum([rep.pair_entropy for rep in replies], axis=0)
+            p2, h2 = remap_pairs(moves.pairs, kept, pair_h)
+            outcome = apply_merges(main.posterior, p2, h2)
+            if outcome.n_merges:
+                main = main.merged(outcome)
+                log["merges"] = outcome.n_merges
+                hit = np.isin(at, outcome.accepted.ravel())
+                at = np.where(hit | (at < 0), -1, outcome.group_of[np.maximum(at, 0)])
+        if len(at):
+            ok = at >= 0
+            second = np.sum([rep.second for rep in replies], axis=0)
+            done = apply_splits(main.posterior, at[ok], second[ok])
+            if done.split:
+                main = main.split(done)
+                log["splits"] = len(done.split)
+            for cid, count, k in zip(split_cids, split_counts, at, strict=True):
+                if k not in done.split:
+                    self.failed_moves["split"][int(cid)] = float(count)
+        for i, t in enumerate(self.trials):
+            t_new, _, t_kept = combine_refinement(
+                t.track.posterior, [rep.trials[i] for rep in replies], noisy=True
+            )
+            t.track = t.track.after_round(t_new, t_kept)
+            t.rounds_left -= 1
+        done_trials = [t for t in self.trials if t.rounds_left == 0]
+        self.trials = [t for t in self.trials if t.rounds_left > 0]
+        winner = max(done_trials, key=lambda t: elbo(t.track.posterior), default=None)
+        if winner is not None and elbo(winner.track.posterior) > elbo(main.posterior):
+            main = winner.track
+            log["deletes"] = 1
+            self.trials = []  # the others were proposals against the replaced posterior
+        for t in done_trials:
+            if t is not winner or main is not t.track:
+                self.failed_moves["delete"][t.cid] = t.count
+        return main
+
+    def _refit(self, post: Summaries, replies: dict[int, RefineReply]) -> None:
+        """The exact refinement round after settling: the sites' rows reassigned without the
+        removed clusters (always applied: the removed clusters' mass moves to the others)."""
+        new, _, kept = combine_refinement(post, [r.stats for r in replies.values()], noisy=True)
+        self.membership = self.membership[kept]
+        new_id = np.full(len(kept), -1)
+        new_id[kept] = np.arange(int(kept.sum()))
+        self._compose(new_id)
+        self.posterior = new
+        self.result.elbo_history.append(float(elbo(new)))
+
+    def _compose(self, old_to_new: np.ndarray) -> None:
+        m = self.settle_map
+        self.settle_map = np.where(m >= 0, old_to_new[np.maximum(m, 0)], -1)
+
+    def _settle(self, rnd: Round) -> None:
+        """After a label round: remove the global clusters that own no rows
+        (:func:`fedvi.settle.settle_clusters` on the released label counts; with a secure sum,
+        or a site that reported none, on the mass), and plan the rounds that relabel."""
+        self._pending = None
+        if self.posterior is None:
+            return
+        if self._next >= len(self.plan):  # no slot left: the clusters stay
+            return
+        G = self.posterior.n_clusters
+        ok = [s for s in rnd.sites if self.result.sites[s].status == "ok"]
+        counts = [self.result.sites[s].counts for s in ok]
+        counts = [c if c is not None and len(c) == G else None for c in counts]
+        if rnd.secure or self.resume is not None or len(ok) < len(self.ok_sites()):
+            counts = [*counts, None]  # some site's counts are not known: the mass decides
+        settled = settle_clusters(self.posterior, counts)
+        if not settled.n_removed:
+            return
+        removed = np.flatnonzero(~settled.keep).tolist()
+        if self.noisy:
+            self.result.notes.append(
+                f"clusters {removed} seem to own no rows by the noisy label counts: kept (a "
+                "label round more would spend privacy budget)"
             )
             return
-        self.fixed = {s: f.subset(kept) for s, f in self.fixed.items()}
-        self.membership = self.membership[kept]
-        self.posterior = new
-        self.refined += 1
-        self.result.elbo_history.append(float(elbo(new)))
+        self.result.notes.append(f"clusters {removed} own no rows: removed at the end of the run")
+        self.membership = self.membership[settled.keep]
+        self.posterior = self.posterior.subset(settled.keep)
+        self._compose(settled.old_to_new)
+        for s in self.ok_sites():
+            rep = self.result.sites[s]
+            if rep.mapping is not None:
+                rep.mapping = settled.old_to_new[rep.mapping]
+            if rep.counts is not None and len(rep.counts) == G:
+                rep.counts = rep.counts[settled.keep]
+        refit = (
+            self.server.refine_rounds > 0
+            and not self.fixed
+            and self.resume is None
+            and bool(self.participants(Phase.REFINE))
+        )
+        self._pending = "refit" if refit else "label"
 
     def _label(self, rnd, good, summed, nodes) -> None:
         G = self.posterior.n_clusters
@@ -754,7 +1034,23 @@ class Coordinator:
         self.done = True
         if self.posterior is not None:
             model_sites = list(self.result.merge.site_ids) if self.result.merge else []
-            self.result.model = FittedModel(self.posterior, tuple(model_sites), self.membership)
+            info = {}
+            base_map = self.result.merge.base_map if self.result.merge else None
+            if self.resume is not None and base_map is not None:
+                # The resumed model's clusters in the new ids (-1: removed), for its sites'
+                # labels (``python -m fedvi label --relabel``).
+                m = self.settle_map
+                self.result.id_map = np.where(base_map >= 0, m[np.maximum(base_map, 0)], -1)
+                info = {
+                    **self.resume.info,
+                    "id_map": {
+                        "from_n_clusters": self.resume.n_clusters,
+                        "map": self.result.id_map.tolist(),
+                    },
+                }
+            self.result.model = FittedModel(
+                self.posterior, tuple(model_sites), self.membership, info=info
+            )
             failed = [s for s, r in self.result.sites.items() if r.status != "ok"]
             self.result.status = (
                 "completed_with_failures" if (failed or self.result.failures) else "completed"

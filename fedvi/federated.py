@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ from fedvi.coordinator import (
     SiteFailureError,
     combine_refinement,
     fixed_contribution,
+    refusal_note,
 )
 from fedvi.data import DataError, EncodedData, site_list
 from fedvi.model import FittedModel
@@ -38,10 +40,12 @@ __all__ = [
     "federated_fit",
     "fixed_contribution",
     "policies_for",
+    "refusal_note",
     "run_inprocess",
     "shared_spec",
     "site_fit_options",
     "site_seed",
+    "warn_floor",
 ]
 
 
@@ -55,6 +59,23 @@ def policies_for(policy, n_sites: int) -> list[SitePolicy]:
     if len(out) != n_sites or not all(isinstance(p, SitePolicy) for p in out):
         raise ValueError(f"policy: give one SitePolicy or a list of {n_sites} (one per site)")
     return out
+
+
+def warn_floor(requested: int, policies: Sequence[SitePolicy], ids: Sequence[int]) -> None:
+    """Warn when the floor asked for (``min_cluster_size``) is below a site's own policy floor,
+    which wins: the request changes nothing at those sites."""
+    higher = [(s, p.min_cluster_size) for s, p in zip(ids, policies, strict=True)]
+    higher = [(s, f) for s, f in higher if f > requested]
+    if higher:
+        floors = sorted({f for _, f in higher})
+        warnings.warn(
+            f"min_cluster_size={requested} is below the disclosure floor of the site policy at "
+            f"site(s) {[s for s, _ in higher]} (floor {', '.join(map(str, floors))}), which "
+            "wins: a site's floor is never lowered by the server. To lower it, give "
+            f"policy=SitePolicy(min_cluster_size={requested}) (the site's own decision).",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _rngs(rng, n_sites: int) -> list:
@@ -164,6 +185,8 @@ def federated_fit(
     if len(ids) != len(tables) or len(set(ids)) != len(ids):
         raise ValueError(f"site_ids: give {len(tables)} distinct ids, got {site_ids!r}")
     policies = policies_for(policy, len(tables))
+    if "min_cluster_size" in options:  # a site's floor is never lowered by the server
+        warn_floor(server.min_cluster_size, policies, ids)
     agents = agents_for(tables, ids, policies, _rngs(rng, len(tables)))
     coordinator = Coordinator(spec, fit, server, ids, seed=seed, min_sites=min_sites)
     return run_inprocess(coordinator, agents)
@@ -186,7 +209,10 @@ def extend(
     their clusters are merged into the existing global clusters by the same exact, summary-only
     global merge (the model file keeps which sites each global cluster holds). ``site_ids``
     default to the ids after the model's. Refinement needs every site's rows, so none runs
-    here. Returns the new sites' reports (labels under the new posterior) and the new model.
+    here. Returns the new sites' reports (labels under the new posterior) and the new model;
+    ``result.id_map`` (also in the model's ``info["id_map"]``) gives the new id of each of the
+    old model's clusters (``-1``: removed), for its sites' labels
+    (``python -m fedvi label --relabel``).
     """
     fit, server = split_options(options, (FitOptions, ServerOptions), "extend")
     tables = site_list(datasets, "datasets")

@@ -41,6 +41,8 @@ class GlobalMerge:
         any sites of the base model).
     elbo: global ELBO after merging. elbo_before: ELBO of the pooled, unmerged clusters.
     n_merges: merges accepted.
+    base_map: with a ``base`` model (:func:`fedvi.extend`), ``(G_base,)`` new id of each of its
+        clusters (the merge renumbers clusters by size); ``None`` otherwise.
     """
 
     posterior: Summaries
@@ -50,6 +52,7 @@ class GlobalMerge:
     elbo: float
     elbo_before: float
     n_merges: int
+    base_map: np.ndarray | None = None  # [h19] old-to-new ids for extend
 
     @property
     def n_clusters(self) -> int:
@@ -350,6 +353,14 @@ def global_merge(
     membership = groups.sites[order]
     first = 1 if base is not None else 0
     mapping = [global_of[block_of == first + b] for b in range(len(sites))]
+    base_map = global_of[block_of == 0] if base is not None else None  # [h19]
     return GlobalMerge(
-        posterior, mapping, membership, tuple(all_ids), elbo(posterior), before, groups.n_merges
+        posterior,
+        mapping,
+        membership,
+        tuple(all_ids),
+        elbo(posterior),
+        before,
+        groups.n_merges,
+        base_map,
     )

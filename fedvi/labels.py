@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from fedvi.data import EncodedData
+from fedvi.floor import floored_release
 from fedvi.options import FitOptions
-from fedvi.privacy import apply_floor, noisy_counts, noisy_release, suppress_counts
+from fedvi.privacy import noisy_counts, noisy_release, suppress_counts
 from fedvi.summaries import Summaries
 from fedvi.vi import Problem, run_pass, source_of
 
@@ -51,43 +52,19 @@ def refinement_stats(
 ) -> Summaries:
     """A site's statistics per global cluster under the global posterior (sums only).
 
-    With ``restrict`` (default), the site's rows are given only to global clusters that own at
-    least ``floor`` of them (arg-max) with a count of at least ``floor``: clusters below the
-    floor are dropped and the local step is redone until every remaining cluster meets it, so
-    no released statistic covers fewer rows. The released statistics are those of a valid
-    assignment of the site's rows, so the pooled ELBO stays exact. Dropped clusters are
-    released as zeros. (Under differential privacy the floor is applied to the noisy counts
-    instead: ``restrict=False``.)
+    With ``restrict`` (default), the site's rows are given only to the global clusters whose
+    statistics meet the floor (:func:`fedvi.floor.releasable`: no row holds more than
+    ``1/floor`` of a cluster's weight); the local step is redone without the others, which are
+    released as zeros, so the released statistics are those of a valid assignment and the
+    pooled ELBO stays exact. (Under differential privacy the floor is applied to the noisy
+    counts instead: ``restrict=False``.)
     """
+    # [h19] the soft floor lives in fedvi.floor (floored_release also gives pair entropies).
+    if restrict:
+        return floored_release(data, posterior, floor, options).stats
     problem = global_problem(data, posterior, options)
-    G = posterior.n_clusters
-    allowed = np.arange(G)
-    while True:
-        sub = posterior.subset(allowed)
-        source = source_of(problem, sub)
-        p = run_pass(problem, source, owned=restrict)
-        if not restrict:
-            break
-        low = (p.owned < floor) | (p.counts < (floor if floor > 1 else 0))
-        if not low.any():
-            break
-        if low.all():
-            low[np.argmax(p.owned)] = False
-        allowed = allowed[~low]
-
-    def scatter(a):
-        out = np.zeros((G, *a.shape[1:]))
-        out[allowed] = a
-        return out
-
-    stats = problem.summaries(
-        scatter(p.counts),
-        scatter(p.sums),
-        scatter(p.entropy),
-        None if p.observed is None else scatter(p.observed),
-        posterior.relevance,
-    )
-    return apply_floor(stats, floor) if restrict else stats
+    p = run_pass(problem, source_of(problem, posterior))
+    return problem.summaries(p.counts, p.sums, p.entropy, p.observed, posterior.relevance)
 
 
 def label_counts(labels: np.ndarray, n_clusters: int) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fedvi.settings import (
+    Boolean,
     Interval,
     InvalidSetting,
     OneOf,
@@ -117,6 +118,50 @@ class ServerOptions:
         "the server updates; a round that would lower the ELBO is not applied); 0: the "
         "paper's one-shot merge (measured in benchmarks/bench_refine.py)",
         Interval(int, 0),
+    )
+    refine_moves: bool = setting(
+        True,
+        "global merge moves in refinement rounds: each round carries candidate pairs of global "
+        "clusters, sites return one merged-column entropy per pair with their statistics, and "
+        "a merge is applied only if the exact pooled ELBO rises (off under DP noise or when a "
+        "site does not refine)",
+        Boolean(),
+    )
+    refine_max_pairs: int = setting(
+        32,
+        "candidate pairs per refinement round when refine_moves is on (each costs 8 bytes per "
+        "site)",
+        Interval(int, 1),
+    )
+    refine_deletes: int = setting(
+        1,
+        "delete proposals in flight per refinement round when refine_moves is on: the "
+        "posterior without its smallest cluster is refined beside the current one for two "
+        "rounds and replaces it if its exact ELBO is then higher (each costs one more set of "
+        "statistics per site and round; 0: none)",
+        Interval(int, 0),
+    )
+    refine_splits: int = setting(
+        0,
+        "split candidates per refinement round when refine_moves is on: for the largest "
+        "clusters the sites also send sum_n r_nk x_n x_n^T (P x P each), from which the server "
+        "scores every split by one design column exactly and applies the best if the ELBO "
+        "rises (0: none; these second moments are pairwise co-occurrences within a cluster, "
+        "a more detailed release than the sums, so they are opt-in)",
+        Interval(int, 0),
+    )
+    refine_start: str = setting(
+        "merged",
+        "where refinement with refine_moves starts: 'merged' (the one-shot global merge) or "
+        "'pooled' (every site's local clusters side by side, so that the exact merges of the "
+        "refinement rounds, not the one-shot greedy merge, decide which to join)",
+        OneOf("merged", "pooled"),
+    )
+    refine_tol: float = setting(
+        0.0,
+        "refinement stops early when a round raises the ELBO by less than this, relative, and "
+        "no move was accepted or is in flight (0: run every round)",
+        Interval(float, 0),
     )
     min_cluster_size: int = setting(
         5,

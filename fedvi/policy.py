@@ -47,8 +47,11 @@ class PolicyRefusal(Exception):
     the server as it is.
     """
 
+    #: How every refusal's message starts (what a server reads of it).
+    PREFIX = "refused by the site's policy"
+
     def __init__(self, rule: str, reason: str):
-        super().__init__(f"refused by the site's policy ({rule}): {reason}")
+        super().__init__(f"{self.PREFIX} ({rule}): {reason}")
         self.rule = rule
 
 

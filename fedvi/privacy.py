@@ -93,8 +93,12 @@ def run_budget(
 
 
 def planned_releases(policy: SitePolicy, server: ServerOptions) -> int:
-    """Aggregate releases a run plans: its refinement rounds and the label round, at most the
-    site's ``max-aggregate-releases``."""
+    """Aggregate releases a run plans: with noise, its refinement rounds and the label round
+    (the budget is shared among them); at most the site's ``max-aggregate-releases``. Without
+    noise (the opt-out) no budget is shared, and the plan is the cap itself, which leaves room
+    for the rounds that settle K at the end of a noiseless run (:mod:`fedvi.settle`)."""
+    if policy.dp_epsilon is None:
+        return max(1, policy.max_aggregate_releases)
     return max(1, min(server.refine_rounds + 1, policy.max_aggregate_releases))
 
 

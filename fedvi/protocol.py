@@ -35,7 +35,7 @@ from fedvi.label_files import is_label_file_name
 from fedvi.options import FitOptions, ServerOptions
 from fedvi.settings import IntList, Levels, Names, PositivePair
 from fedvi.spec import MixtureSpec
-from fedvi.summaries import Summaries
+from fedvi.summaries import ARRAY_FIELDS, Summaries
 
 PROTOCOL_VERSION = 2
 
@@ -141,6 +141,25 @@ class Request:
     mapping: np.ndarray | None = None
     secagg_scale: float | None = None
     variable_order: tuple[str, ...] | None = None
+    moves: RefineMoves | None = None
+
+
+@dataclass(frozen=True)
+class RefineMoves:
+    """What a refinement round asks beside the statistics, to score moves exactly
+    (:mod:`fedvi.refine_moves`): ``pairs (M, 2)`` candidate merges of global clusters (one
+    merged-column entropy each), ``splits (S,)`` clusters whose second moments are asked for,
+    and ``trials``: delete-trial posteriors, each refined beside the posterior (one more set of
+    statistics each)."""
+
+    pairs: np.ndarray
+    splits: np.ndarray
+    trials: tuple[Summaries, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "pairs", np.asarray(self.pairs, dtype=np.int64).reshape(-1, 2))
+        object.__setattr__(self, "splits", np.asarray(self.splits, dtype=np.int64).ravel())
+        object.__setattr__(self, "trials", tuple(self.trials))
 
 
 def encode_request(
@@ -153,12 +172,15 @@ def encode_request(
     mapping: np.ndarray | None = None,
     secagg_scale: float | None = None,
     variable_order=None,
+    moves: RefineMoves | None = None,
 ) -> tuple[list[np.ndarray], dict[str, Any]]:
     """``(arrays, config)`` of a round: the phase, every setting, the posterior (refine,
     label), the site's local-to-global map (map labelling) and the agreed order of the
     variables (their name hashes, :func:`variable_hashes`: a site whose columns come in another
-    order aligns them by name). No path: a site reads and writes only what its own node config
-    (or, in a simulation, its ClientApp factory) names."""
+    order aligns them by name) and, in a refinement round with moves, their
+    :class:`RefineMoves` (the trial posteriors' arrays after the posterior's, then the pairs and
+    the split ids; the trials share the posterior's scalars). No path: a site reads and writes
+    only what its own node config (or, in a simulation, its ClientApp factory) names."""
     phase = Phase(phase)
     config: dict[str, Any] = {K_PROTOCOL: PROTOCOL_VERSION, K_PHASE: phase.value, K_SEED: seed}
     config.update(encode_settings(spec, "model"))
@@ -168,6 +190,11 @@ def encode_request(
     if posterior is not None:
         arrays, meta = encode_summaries(posterior, "posterior")
         config.update(meta)
+    if moves is not None:
+        for t in moves.trials:
+            arrays = [*arrays, *t.to_arrays()]
+        arrays = [*arrays, moves.pairs, moves.splits]
+        config["refine.moves"] = len(moves.trials)
     if mapping is not None:
         arrays = [*arrays, np.asarray(mapping, dtype=np.int64)]
         config["label.mapping"] = True
@@ -190,6 +217,7 @@ def encode_request_of(req: Request) -> tuple[list[np.ndarray], dict[str, Any]]:
         mapping=req.mapping,
         secagg_scale=req.secagg_scale,
         variable_order=req.variable_order,
+        moves=req.moves,
     )
 
 
@@ -222,6 +250,7 @@ def decode_request(arrays, config: Mapping[str, Any]) -> Request:
         "label.",
         "fedvi.",
         "schema.",
+        "refine.",
     )
     stray = sorted(k for k in config if not k.startswith(known))
     if stray:
@@ -235,6 +264,9 @@ def decode_request(arrays, config: Mapping[str, Any]) -> Request:
         if not arrays:
             raise ProtocolError("label.mapping announced but no array sent")
         mapping = np.asarray(arrays.pop(), dtype=np.int64)
+    moves = None
+    if "refine.moves" in config:
+        moves = _decode_moves(arrays, config, phase)
     posterior = None
     if phase in (Phase.REFINE, Phase.LABEL):
         posterior = decode_summaries(arrays, config, "posterior")
@@ -254,7 +286,35 @@ def decode_request(arrays, config: Mapping[str, Any]) -> Request:
         mapping=mapping,
         secagg_scale=None if scale is None else float(scale),
         variable_order=order,
+        moves=moves,
     )
+
+
+def _decode_moves(arrays: list, config: Mapping[str, Any], phase: Phase) -> RefineMoves:
+    """The :class:`RefineMoves` at the end of ``arrays`` (removed from it); shapes checked here,
+    values (ids within the posterior, how many) by the site (:mod:`fedvi.site_agent`)."""
+    n = config["refine.moves"]
+    if phase is not Phase.REFINE or not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ProtocolError("refine.moves: a count of trial posteriors, in a refine round only")
+    width = len(ARRAY_FIELDS)
+    if len(arrays) < 2 + width * (n + 1):
+        raise ProtocolError(f"refine.moves announces {n} trial posteriors; too few arrays sent")
+    splits, pairs = np.asarray(arrays.pop()), np.asarray(arrays.pop())
+    if pairs.ndim != 2 or pairs.shape[1:] != (2,) or splits.ndim != 1:
+        raise ProtocolError("refine.moves: pairs must be (M, 2) and splits (S,)")
+    if not (_integral(pairs) and _integral(splits)):
+        raise ProtocolError("refine.moves: pairs and splits must be whole numbers")
+    trials = []
+    for i in range(n):
+        start = width * (i + 1)
+        trials.append(decode_summaries(arrays[start : start + width], config, "posterior"))
+    del arrays[width:]
+    return RefineMoves(pairs, splits, tuple(trials))
+
+
+def _integral(a: np.ndarray) -> bool:
+    a = np.asarray(a, dtype=np.float64)
+    return bool(np.isfinite(a).all() and (a == np.rint(a)).all())
 
 
 # -- replies ----------------------------------------------------------------------------------
@@ -377,6 +437,33 @@ def decode_refine(arrays, posterior: Summaries, n_rows: int) -> Summaries:
         raise ProtocolError(f"refinement statistics of the wrong shape ({exc})") from None
 
 
+def decode_refine_reply(arrays, request: Request, n_rows: int) -> RefineReply:
+    """A site's refinement reply to ``request`` (or the secure sum of several: ``n_rows`` the
+    contributing sites' rows), in the layout of :meth:`RefineReply.to_arrays`."""
+    arrays = list(arrays)
+    post, moves = request.posterior, request.moves
+    width = len(refine_layout(post.spec))
+    n_trials = 0 if moves is None else len(moves.trials)
+    expected = width if moves is None else width * (1 + n_trials) + 2
+    if len(arrays) != expected:
+        raise ProtocolError(f"a refinement reply has {expected} arrays, got {len(arrays)}")
+    stats = decode_refine(arrays[:width], post, n_rows)
+    if moves is None:
+        return RefineReply(stats)
+    P = post.sums.shape[1]
+    try:
+        pair_h = np.asarray(arrays[width], dtype=np.float64).reshape(len(moves.pairs))
+        second = np.asarray(arrays[width + 1], dtype=np.float64)
+        second = second.reshape(len(moves.splits), P, P)
+    except ValueError as exc:
+        raise ProtocolError(f"move statistics of the wrong shape ({exc})") from None
+    trials = tuple(
+        decode_refine(arrays[width * (i + 1) + 2 : width * (i + 2) + 2], t, n_rows)
+        for i, t in enumerate(moves.trials)
+    )
+    return RefineReply(stats, pair_entropy=pair_h, second=second, trials=trials)
+
+
 # -- errors -------------------------------------------------------------------------------
 _ERROR_PREFIX = "fedvi site error"
 _ERROR_RE = re.compile(rf"{_ERROR_PREFIX}: site (-?\d+), phase (\w+): (.*?)(?='>|\n|$)")
@@ -419,11 +506,30 @@ class LocalReply:
 
 @dataclass(frozen=True)
 class RefineReply:
-    """A ``refine`` answer: statistics per global cluster (``G`` rows) under the posterior."""
+    """A ``refine`` answer: statistics per global cluster (``G`` rows) under the posterior and,
+    when the request carried :class:`RefineMoves`, under the same responsibilities:
+    ``pair_entropy (M,)`` one merged-column entropy per pair, ``second (S, P, P)`` the second
+    moments of the split candidates; ``trials``: statistics under each trial posterior. All
+    sums over rows, so a secure sum of replies decodes like one reply
+    (:func:`decode_refine_reply`)."""
 
     stats: Summaries
     seconds: float = 0.0
     privacy: dict | None = None
+    pair_entropy: np.ndarray | None = None
+    second: np.ndarray | None = None
+    trials: tuple[Summaries, ...] = ()
+
+    def to_arrays(self) -> list[np.ndarray]:
+        """The reply's arrays in the order :func:`decode_refine_reply` reads (the statistics,
+        then, with moves: pair entropies, second moments, each trial's statistics)."""
+        out = encode_refine(self.stats)
+        if self.pair_entropy is not None:
+            out += [np.asarray(self.pair_entropy, dtype=np.float64)]
+            out += [np.asarray(self.second, dtype=np.float64)]
+            for t in self.trials:
+                out += encode_refine(t)
+        return out
 
 
 @dataclass(frozen=True)
@@ -462,7 +568,7 @@ def encode_reply(reply: Reply) -> tuple[list[np.ndarray], dict[str, Any]]:
         return arrays, meta
     privacy = {f"privacy.{k}": v for k, v in (reply.privacy or {}).items()}
     if isinstance(reply, RefineReply):
-        return encode_refine(reply.stats), privacy
+        return reply.to_arrays(), privacy
     if isinstance(reply, LabelReply):
         meta = dict(privacy)
         if reply.n_suppressed is not None:
@@ -491,11 +597,12 @@ def decode_reply(
     site: int,
     arrays,
     metrics: Mapping[str, Any],
-    posterior: Summaries | None = None,
+    request: Request | None = None,
     n_rows: int | None = None,
 ) -> Reply:
-    """The typed reply of ``site`` from what crossed the wire; a :class:`ProtocolError` when it
-    does not have the phase's layout (its values are checked by :mod:`fedvi.reply_checks`)."""
+    """The typed reply of ``site`` to ``request`` from what crossed the wire; a
+    :class:`ProtocolError` when it does not have the phase's layout (its values are checked by
+    :mod:`fedvi.reply_checks`)."""
     arrays = list(arrays)
     seconds = float(metrics.get(K_SECONDS, 0.0))
     try:
@@ -510,8 +617,8 @@ def decode_reply(
                 float(metrics.get("fit.load_seconds", 0.0)),
             )
         if phase is Phase.REFINE:
-            stats = decode_refine(arrays, posterior, n_rows)
-            return RefineReply(stats, seconds, privacy_of(metrics))
+            reply = decode_refine_reply(arrays, request, n_rows)
+            return dataclasses.replace(reply, seconds=seconds, privacy=privacy_of(metrics))
         if len(arrays) != 1:
             raise ProtocolError(f"a label reply has 1 array, got {len(arrays)}")
         n_supp = metrics.get("label.n_suppressed")

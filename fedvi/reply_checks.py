@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedvi.protocol import Preflight
+from fedvi.protocol import Preflight, RefineReply, Request
 from fedvi.summaries import Summaries
 
 #: Relative tolerance of "the counts add up to the rows" and "sums within counts".
@@ -119,3 +119,37 @@ def check_label_counts(
     if not noisy and shown.sum() > n_rows:
         raise BadReply(f"label counts add up to {int(shown.sum())}, above the {n_rows} rows")
     return c
+
+
+def check_move_statistics(reply: RefineReply, req: Request, n_rows: int) -> None:
+    """The move statistics of a refinement reply (or a secure sum, ``n_rows`` then the sites'
+    rows) to ``req``: present exactly when asked for, of the asked shapes, finite and
+    non-negative; merged-column entropies at most ``n_rows / e`` (``-x log x <= 1/e`` per row),
+    second moments at most ``n_rows``, each trial's statistics valid (:func:`check_refinement`)."""
+    moves = req.moves
+    if moves is None:
+        if reply.pair_entropy is not None or reply.second is not None or reply.trials:
+            raise BadReply("move statistics that were not asked for")
+        return
+    if reply.pair_entropy is None or reply.second is None or len(reply.trials) != len(moves.trials):
+        raise BadReply("the move statistics asked for are missing")
+    P = req.posterior.sums.shape[1]
+    if reply.pair_entropy.shape != (len(moves.pairs),) or reply.second.shape != (
+        len(moves.splits),
+        P,
+        P,
+    ):
+        raise BadReply("move statistics of the wrong shape")
+    _finite_non_negative("second moments", reply.second)
+    h = reply.pair_entropy
+    if not np.isfinite(h).all():
+        raise BadReply("merged-column entropies hold non-finite values")
+    # r_j + r_k may exceed 1 by a rounding error: -x log x then is a tiny negative number.
+    if (h < -RTOL * max(n_rows, 1)).any():
+        raise BadReply("merged-column entropies hold negative values")
+    if (h > n_rows / np.e * (1 + RTOL) + RTOL).any():
+        raise BadReply("a merged-column entropy exceeds what the rows can hold")
+    if (reply.second > n_rows * (1 + RTOL) + RTOL).any():
+        raise BadReply("a second moment exceeds the rows")
+    for stats, trial in zip(reply.trials, moves.trials, strict=True):
+        check_refinement(stats, trial, n_rows)

@@ -62,12 +62,19 @@ class FederatedResult:
 
     model: the global :class:`FittedModel` (``None`` if the run failed before the merge).
     sites: :class:`SiteReport` per partition id. merge: the :class:`GlobalMerge`.
-    elbo_history: global ELBO before and after the merge and after each refinement round.
+    elbo_history: global ELBO before and after the merge and after each applied refinement
+        round (``rounds`` lists every round run).
     failures: one dict per failure (``phase``, ``site``, ``node``, ``error``).
     status: ``"completed"``, ``"completed_with_failures"`` or ``"failed"``.
     timings: server wall-clock per phase. label_mode: how the labels were made.
     notes: what the run decided on the way (e.g. a refinement round skipped, and why).
     privacy: secure aggregation and differential-privacy settings and spending.
+    rounds: one dict per refinement round run (``round``, ``applied``, ``withheld``: global
+        cluster -> sites whose floor withheld it (none named under secure aggregation),
+        ``merges``, ``splits``, ``deletes``: moves accepted in it, ``candidates``: pairs
+        scored, ``elbo``: of the posterior the next round starts from).
+    id_map: after :func:`fedvi.extend` (or a run that resumes a model), ``(G_old,)`` new id
+        of each cluster of the extended model (``-1``: removed); ``None`` otherwise.
     """
 
     model: FittedModel | None = None
@@ -81,6 +88,8 @@ class FederatedResult:
     notes: list[str] = field(default_factory=list)
     privacy: dict = field(default_factory=dict)
     error: str | None = None
+    rounds: list[dict] = field(default_factory=list)
+    id_map: np.ndarray | None = None
 
     # -- the global model ------------------------------------------------------------------
     @property

@@ -26,6 +26,7 @@ from collections.abc import Callable
 import numpy as np
 
 from fedvi.data import DataError, _names_of
+from fedvi.floor import floored_release
 from fedvi.gate import SiteGate
 from fedvi.labels import label_rows, map_labels, release_label_counts, release_refinement
 from fedvi.ledger import Ledger, LedgerError, request_sha256
@@ -269,11 +270,59 @@ class SiteAgent:
 
     def _refine(self, req: Request, secure: bool) -> RefineReply:
         data, rho = self._aggregate_round(req, secure, "allow-refine", self.policy.allow_refine)
+        if req.moves is not None:
+            return self._refine_moves(data, req, rho)
         stats = release_refinement(
             data, req.posterior, self._floor(req), self._opts(req), rho, self.gate.rng
         )
         privacy = self._released(req, data, rho, "counts, sums, entropies per cluster")
         return RefineReply(stats, privacy=privacy)
+
+    def _refine_moves(self, data, req: Request, rho: float | None) -> RefineReply:
+        """A refinement round with moves (:mod:`fedvi.refine_moves`): the statistics under the
+        soft floor (:func:`fedvi.floor.floored_release`) with the pairs' merged-column entropies
+        and the split candidates' second moments under the same responsibilities, and the
+        statistics under each delete-trial posterior. Noiseless only: every value is an exact
+        sum over the site's rows, bounded by its floor like the statistics."""
+        moves, post, floor = req.moves, req.posterior, self._floor(req)
+        if rho is not None:
+            raise PolicyRefusal(
+                "dp", "refinement moves need exact sums; this site adds privacy noise"
+            )
+        self._check_moves(req)
+        opts = self._opts(req)
+        rel = floored_release(data, post, floor, opts, moves.pairs, moves.splits)
+        trials = []
+        for t in moves.trials:
+            check_posterior(t, self.policy)
+            trials.append(floored_release(data, t, floor, opts).stats)
+        second = rel.second
+        if second is None:
+            second = np.zeros((0, post.sums.shape[1], post.sums.shape[1]))
+        what = "counts, sums, entropies per cluster, with move statistics"
+        privacy = self._released(req, data, rho, what)
+        return RefineReply(
+            rel.stats,
+            privacy=privacy,
+            pair_entropy=rel.pair_entropy,
+            second=second,
+            trials=tuple(trials),
+        )
+
+    def _check_moves(self, req: Request) -> None:
+        """The moves asked for stay within the run's own settings and the posterior's clusters
+        (a request is untrusted: each pair, split and trial is work and a release)."""
+        moves, server, G = req.moves, req.server, req.posterior.n_clusters
+        pairs, splits = moves.pairs, moves.splits
+        if len(pairs) > server.refine_max_pairs or len(splits) > server.refine_splits:
+            raise PolicyRefusal("refine-moves", "more pairs or splits than the run's settings")
+        if len(moves.trials) > server.refine_deletes:
+            raise PolicyRefusal("refine-moves", "more delete trials than the run's settings")
+        ids = np.concatenate([pairs.ravel(), splits])
+        if ((ids < 0) | (ids >= G)).any() or (pairs[:, 0] == pairs[:, 1]).any():
+            raise PolicyRefusal("refine-moves", "a move names a cluster the posterior lacks")
+        if any(t.spec != req.posterior.spec for t in moves.trials):
+            raise PolicyRefusal("refine-moves", "a trial posterior has another model")
 
     def _label(self, req: Request, secure: bool) -> LabelReply:
         data, rho = self._aggregate_round(req, secure, "allow-labels", self.policy.allow_labels)

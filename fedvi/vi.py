@@ -206,6 +206,8 @@ class Pass:
     labels: np.ndarray | None = None
     resp: np.ndarray | None = None
     pair_entropy: np.ndarray | None = None
+    peak: np.ndarray | None = None
+    second: np.ndarray | None = None
 
 
 def _block_resp(logits, source: Source):
@@ -226,11 +228,16 @@ def run_pass(
     labels: bool = False,
     resp: bool = False,
     pairs: np.ndarray | None = None,
+    peak: bool = False,
+    second: np.ndarray | None = None,
 ) -> Pass:
     """One pass over the rows under ``source``: the statistics (``counts``, ``sums``,
     ``entropy``, observed counts) and, on request, rows owned per cluster (arg-max), the
     arg-max labels ``(N,)``, the responsibilities ``(N, K)`` or the entropy of merged columns
-    ``pairs (M, 2)`` (``-sum_n (r_a + r_b) log(r_a + r_b)``)."""
+    ``pairs (M, 2)`` (``-sum_n (r_a + r_b) log(r_a + r_b)``) and ``peak``: the largest
+    responsibility of each cluster ``(K,)`` (the disclosure floor, :mod:`fedvi.floor`), and
+    ``second``: for clusters ``second (M,)``, ``sum_n r_nk x_n x_n^T`` ``(M, P, P)`` (split
+    moves, :mod:`fedvi.refine_moves`; numpy backend only)."""
     data, opts = problem.data, problem.options
     dtype = np.float32 if opts.precision == "float32" else np.float64
     K, N = source.n_clusters, problem.n_rows
@@ -249,6 +256,13 @@ def run_pass(
     if pairs is not None:
         pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
         out.pair_entropy = np.zeros(len(pairs))
+    if peak:
+        out.peak = np.zeros(K)
+    if second is not None:
+        second = np.asarray(second, dtype=np.int64).ravel()
+        out.second = np.zeros((len(second), data.n_columns, data.n_columns))
+        if problem.accel is not None:
+            raise ValueError("second moments need the numpy backend")
     if problem.accel is not None and not data.has_missing:
         blocks = [(0, N, None, None)]
     else:
@@ -290,6 +304,16 @@ def run_pass(
                 out.labels[start:stop] = am
         if resp:
             out.resp[start:stop] = r
+        if peak and len(r):
+            np.maximum(out.peak, r.max(axis=0), out=out.peak)
+        if second is not None:
+            for i, k in enumerate(second):
+                weighted = (
+                    X.multiply(r[:, k : k + 1]) if hasattr(X, "multiply") else X * r[:, k, None]
+                )
+                out.second[i] += np.asarray(
+                    (X.T @ weighted).todense() if hasattr(weighted, "tocsr") else X.T @ weighted
+                )
         if pairs is not None and len(pairs):
             col = r[:, pairs[:, 0]] + r[:, pairs[:, 1]]
             out.pair_entropy -= xlogy(col, col).sum(axis=0)

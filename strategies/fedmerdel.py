@@ -105,7 +105,7 @@ class FedMerDel(Strategy):
     failures = property(lambda self: self.coordinator.result.failures)
     phases = property(lambda self: self.coordinator.phases)
     agreed_spec = property(lambda self: self.coordinator.agreed_spec)
-    num_rounds = property(lambda self: len(self.coordinator.phases))
+    num_rounds = property(lambda self: len(self.coordinator.plan))
 
     def round(self, server_round: int) -> Round | None:
         """The coordinator's round for Flower round ``server_round`` (``None``: the run is
@@ -191,14 +191,9 @@ class FedMerDel(Strategy):
                 continue
             rep = self.result.sites.get(site)
             try:
-                replies[site] = decode_reply(
-                    rnd.phase,
-                    site,
-                    arrays,
-                    res.metrics,
-                    self.coordinator.posterior,
-                    None if rep is None else rep.n_rows,
-                )
+                n_rows = None if rep is None else rep.n_rows
+                req = rnd.requests.get(site)
+                replies[site] = decode_reply(rnd.phase, site, arrays, res.metrics, req, n_rows)
             except ProtocolError as exc:
                 replies[site] = Failure("malformed", str(exc), proxy.cid)
             log(INFO, "fedvi %s: site %d (node %s)", rnd.phase.value, site, proxy.cid)

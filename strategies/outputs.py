@@ -96,6 +96,9 @@ def results_dict(
         "elbo_history": [float(v) for v in result.elbo_history],
         "n_merges": None if result.merge is None else int(result.merge.n_merges),
         "label_mode": result.label_mode,
+        "refinement_rounds": [
+            {**r, "withheld": {str(g): s for g, s in r["withheld"].items()}} for r in result.rounds
+        ],
         "n_rows": int(sum(r.n_rows or 0 for r in result.sites.values() if r.status == "ok")),
         "data": data_report(result),
         "sites": sites,
@@ -106,6 +109,8 @@ def results_dict(
         "privacy": result.privacy,
         "cluster_sizes": None if post is None else [float(c) for c in post.counts],
     }
+    if result.id_map is not None:
+        res["id_map"] = np.asarray(result.id_map).tolist()
     if post is not None and post.relevance is not None:
         res["variable_relevance"] = [float(c) for c in post.relevance]
         res["selected_variables"] = int((post.relevance > 0.5).sum())

@@ -14,6 +14,7 @@ import pytest
 
 import fedvi
 from fedvi.coordinator import Coordinator, Failure, SiteIdentityError
+from fedvi.federated import run_inprocess
 from fedvi.options import FitOptions, ServerOptions
 from fedvi.protocol import Phase, Preflight
 from fedvi.reply_checks import (
@@ -28,6 +29,7 @@ from fedvi.site_agent import SiteAgent
 
 #: Sites that opt out of DP noise: exact replies, so that each poisoned value is the test's.
 NOISELESS = fedvi.SitePolicy(dp_epsilon=None)
+
 
 def tables(n_sites=3, seed=0):
     sim = simulate(900, 4, 15, seed=seed)
@@ -131,6 +133,52 @@ def test_a_poisoned_refinement_reply_stops_refinement_and_names_the_site():
     assert len(got.elbo_history) == 2  # no refinement round applied
     assert any("site 2 sent malformed statistics" in n for n in got.notes)
     assert sorted(s for s, r in got.sites.items() if r.status == "ok") == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("poison", "reason"),
+    [
+        (lambda r: dataclasses.replace(r, pair_entropy=None), "are missing"),
+        (lambda r: dataclasses.replace(r, trials=()), "are missing"),
+        (lambda r: dataclasses.replace(r, pair_entropy=-1.0 - r.pair_entropy), "negative"),
+        (lambda r: dataclasses.replace(r, second=r.second[:, :1]), "wrong shape"),
+    ],
+)
+def test_poisoned_move_statistics_stop_refinement_and_name_the_site(poison, reason):
+    """Refinement moves (default on): a site whose pair entropies, second moments or trial
+    statistics are missing or impossible is named, and no move is scored from them."""
+    # From the sites' clusters side by side: pairs, a split and a delete trial in round 1.
+    got = honest_run(script={Phase.REFINE: {1: poison}}, refine_splits=1, refine_start="pooled")
+    assert blamed(got) == [("refine", 1, "malformed")]
+    assert reason in next(f["error"] for f in got.failures)
+    assert len(got.elbo_history) == 2 and got.rounds == []
+
+
+def test_a_round_withheld_by_a_floor_is_not_applied_and_names_cluster_and_site():
+    """A site whose reply withholds a cluster (zeros, as its floor does) makes the round lower
+    the ELBO: it is not applied, the note names the cluster and the site, and the posterior
+    kept is the best so far."""
+
+    def withhold(r):  # cluster 0's rows given to cluster 1: a valid but poor assignment
+        st = r.stats
+        counts, sums, entropy = st.counts.copy(), st.sums.copy(), st.entropy.copy()
+        counts[1] += counts[0]
+        sums[1] += sums[0]
+        counts[0], sums[0], entropy[0] = 0.0, 0.0, 0.0
+        return dataclasses.replace(
+            r, stats=dataclasses.replace(st, counts=counts, sums=sums, entropy=entropy)
+        )
+
+    sim = simulate(900, 3, 30, seed=0)  # clusters that the one-shot merge finds
+    agents = {s: SiteAgent(s, sim.X[s::3], NOISELESS) for s in range(3)}
+    srv = ServerOptions(refine_rounds=1, refine_moves=False)
+    coordinator = Coordinator(fedvi.MixtureSpec(n_components=6), FitOptions(), srv, range(3))
+    got = drive(coordinator, agents, {Phase.REFINE: {2: withhold}})
+    assert got.merge.n_clusters >= 2
+    assert got.rounds[0]["applied"] is False and got.rounds[0]["withheld"] == {0: [2]}
+    assert any("round 1 not applied" in n and "cluster 0 at site(s) 2" in n for n in got.notes)
+    assert len(got.elbo_history) == 2  # the merge's posterior is kept
+    assert got.elbo == pytest.approx(got.elbo_history[-1])
 
 
 @pytest.mark.parametrize(
@@ -265,3 +313,20 @@ def test_check_preflight():
     ):
         with pytest.raises(BadReply):
             check_preflight(bad)
+
+
+def test_a_site_that_refuses_a_refinement_round_by_its_policy_still_labels():
+    """A site's cap on aggregate releases refuses the second refinement round: refinement
+    stops there (the round is not applied), and the site, which refused by its own rule rather
+    than failed, keeps its one-shot statistics and labels its rows."""
+    data = tables()
+    capped = fedvi.SitePolicy(dp_epsilon=None, max_aggregate_releases=2)
+    agents = {s: SiteAgent(s, X, capped) for s, X in enumerate(data)}
+    srv = ServerOptions(refine_rounds=3, refine_moves=False)
+    coordinator = Coordinator(fedvi.MixtureSpec(n_components=8), FitOptions(), srv, range(3))
+    got = run_inprocess(coordinator, agents)  # the in-process engine: a refusal is a failure
+    assert {(f["phase"], f["cause"]) for f in got.failures} == {("refine", "site_error")}
+    assert all("max-aggregate-releases" in f["error"] for f in got.failures)
+    assert len(got.elbo_history) == 3  # the first round only
+    assert all(r.status == "ok" and r.counts is not None for r in got.sites.values())
+    assert [len(y) for y in got.labels] == [len(X) for X in data]

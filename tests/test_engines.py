@@ -35,6 +35,15 @@ PRESETS = {
         "federation.split=dirichlet",
         "data.n_rows=900",
     ],
+    # Refinement with moves from every site's clusters side by side: the exact merges of the
+    # rounds join them (3 accepted in round 1), with split candidates' second moments and a
+    # delete trial's statistics on the wire in every round.
+    "small_moves": [
+        "+experiment=small",
+        "strategy.refine_rounds=3",
+        "strategy.refine_start=pooled",
+        "strategy.refine_splits=2",
+    ],
 }
 
 
@@ -94,7 +103,7 @@ def assert_same_run(tmp_path, a: fedvi.FederatedResult, b: fedvi.FederatedResult
         np.testing.assert_array_equal(a.sites[s].counts, b.sites[s].counts)
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", ["small", "small_categorical"])
 @pytest.mark.parametrize("dp", [None, 100.0], ids=["dp-off", "dp-on"])
 def test_both_engines_give_the_same_run(tmp_path, preset, dp):
     inproc, flower = both_engines(tmp_path, preset, dp)
@@ -128,3 +137,44 @@ def test_the_noise_is_the_sites_not_the_requests(tmp_path):
     assert first.elbo_history[2:] != second.elbo_history[2:]
     pinned = [fedvi.federated_fit(tables, rng=rngs(len(tables)), **kw) for _ in range(2)]
     assert pinned[0].elbo_history == pinned[1].elbo_history
+
+
+def test_both_engines_apply_the_same_refinement_moves(tmp_path):
+    inproc, flower = both_engines(tmp_path, "small_moves")
+    assert sum(r["merges"] for r in inproc.rounds) >= 1  # a move was accepted
+    assert inproc.rounds == flower.rounds
+    assert inproc.sites[0].uplink_bytes["refine_moves"] > 0
+    assert flower.sites[0].uplink_bytes == inproc.sites[0].uplink_bytes
+    assert_same_run(tmp_path, inproc, flower)
+
+
+def test_both_engines_remove_a_cluster_that_owns_no_rows(tmp_path, monkeypatch):
+    """The merge gets a near-empty copy of cluster 0 (it owns no row): both engines remove it
+    after labelling, refine once more without it and label again (the settle rounds)."""
+    import fedvi.coordinator as coordinator
+
+    merge = coordinator.global_merge
+
+    def with_ghost(*args, **kwargs):
+        m = merge(*args, **kwargs)
+        p = m.posterior
+        ghost = dataclasses.replace(
+            p.subset([0]), counts=p.counts[:1] * 1e-4, sums=p.sums[:1] * 1e-4
+        )
+        post = dataclasses.replace(
+            fedvi.Summaries.concat([p, ghost]),
+            prior_dim=p.prior_dim,
+            column_totals=p.column_totals,
+            n_rows=p.n_rows,
+            relevance=p.relevance,
+            column_observed=p.column_observed,
+        )
+        members = np.vstack([m.membership, m.membership[:1]])
+        return dataclasses.replace(m, posterior=post, membership=members)
+
+    monkeypatch.setattr(coordinator, "global_merge", with_ghost)
+    inproc, flower = both_engines(tmp_path, "small")
+    assert any("own no rows" in n for n in inproc.notes)
+    labels = np.concatenate(inproc.labels)
+    assert inproc.n_clusters == len(np.unique(labels)) == labels.max() + 1
+    assert_same_run(tmp_path, inproc, flower)

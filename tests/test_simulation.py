@@ -209,6 +209,8 @@ def test_a_site_joins_a_saved_model_through_the_app(tmp_path):
     assert results["elbo"] == pytest.approx(ref.model.elbo, rel=1e-10)
     model = fedvi.load_model(out / "model.npz")
     assert model.site_ids == (0, 1, 2, 3, 4)
+    # The old-to-new ids of the saved model's clusters, as extend gives them.
+    assert results["id_map"] == ref.id_map.tolist() == model.info["id_map"]["map"]
     np.testing.assert_array_equal(read_labels(latest_labels(out / "labels", 4)), ref.labels[0])
 
 

@@ -3,6 +3,8 @@ the strategy sends (the protocol of :mod:`fedvi.protocol`)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -123,3 +125,60 @@ def test_each_run_writes_its_own_label_file_named_in_its_reply(tmp_path):
     # The run's model.npz has the same hash as the posterior the site received.
     saved = load_model(FittedModel(post, (0,)).save(tmp_path / "model.npz"))
     assert model_hash(saved.posterior) == digest
+
+
+def test_refinement_moves_travel_and_their_secure_sum_decodes():
+    """A refine request with moves (pairs, split ids, a delete trial) survives the wire, and the
+    sites' replies (statistics, pair entropies, second moments, the trial's statistics), summed
+    as SecAgg+ sums them, decode as the sum of the replies."""
+    from fedvi import secagg
+    from fedvi.protocol import (
+        Phase,
+        RefineMoves,
+        Request,
+        decode_refine_reply,
+        decode_reply,
+        decode_request,
+        encode_reply,
+        encode_request_of,
+    )
+    from fedvi.site_agent import SiteAgent
+
+    d = simulate(600, 3, 30, seed=0)
+    tables = [d.X[:300], d.X[300:]]
+    post = fedvi.federated_fit(tables, n_components=6, refine_rounds=0).model.posterior
+    assert post.n_clusters >= 3
+    moves = RefineMoves([[0, 1], [1, 2]], [0], (post.subset([0, 1]),))
+    server = ServerOptions(refine_splits=1)
+    req = Request(Phase.REFINE, post.spec, FitOptions(), server, 0, posterior=post, moves=moves)
+    got = decode_request(*encode_request_of(req))
+    np.testing.assert_array_equal(got.moves.pairs, moves.pairs)
+    np.testing.assert_array_equal(got.moves.splits, moves.splits)
+    np.testing.assert_array_equal(got.moves.trials[0].counts, post.counts[:2])
+    # Sites that agreed this model in a local fit of the run (their gate refuses a refine
+    # request otherwise), opted out of noise (moves need exact sums).
+    agents = [SiteAgent(b, X, fedvi.SitePolicy(dp_epsilon=None)) for b, X in enumerate(tables)]
+    for agent in agents:
+        for phase in (Phase.PREFLIGHT, Phase.LOCAL):
+            agent.handle(Request(phase, post.spec, FitOptions(), server, 0))
+    replies = [agent.handle(got) for agent in agents]
+    assert replies[0].second.shape == (1, 30, 30) and len(replies[0].trials) == 1
+    wire = [encode_reply(r) for r in replies]
+    one = decode_reply(Phase.REFINE, 0, wire[0][0], wire[0][1], req, 300)
+    np.testing.assert_array_equal(one.pair_entropy, replies[0].pair_entropy)
+    np.testing.assert_array_equal(one.trials[0].sums, replies[0].trials[0].sums)
+    scale = secagg.secagg_scale(300 * np.log(post.n_clusters) + 1)
+    limbs = [secagg.encode_limbs(a, scale) for a, _ in wire]
+    averaged = [(x + y) / 2 for x, y in zip(*limbs, strict=True)]  # what SecAgg+ hands over
+    total = decode_refine_reply(secagg.decode_limbs(averaged, 2, scale), req, 600)
+    tol = dict(rtol=0, atol=1e-9)
+    np.testing.assert_allclose(total.stats.counts, sum(r.stats.counts for r in replies), **tol)
+    np.testing.assert_allclose(total.pair_entropy, sum(r.pair_entropy for r in replies), **tol)
+    np.testing.assert_allclose(total.second, sum(r.second for r in replies), **tol)
+    np.testing.assert_allclose(
+        total.trials[0].entropy, sum(r.trials[0].entropy for r in replies), **tol
+    )
+    # A request asking for more than the run's settings allow is refused by the site.
+    greedy = dataclasses.replace(req, moves=RefineMoves(moves.pairs, [0, 1], ()))
+    with pytest.raises(fedvi.PolicyRefusal, match="refine-moves"):
+        agents[0].handle(greedy)
