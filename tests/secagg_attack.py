@@ -156,7 +156,9 @@ def main(argv=None) -> int:
         paths.append(tmp / f"site{b}.npy")
         np.save(paths[-1], sim.X[rows])
     extra = parse_config_args([args.node_config]) if args.node_config else {}
-    base = SitePolicy.from_node_config(extra)
+    # Sites that opt out of DP noise (unless --node-config says otherwise): the test compares
+    # the secure sum with each site's exact statistics, and what protects here is the masks.
+    base = SitePolicy.from_node_config({"dp-epsilon": "none", **extra})
 
     def policy_for(pid: int) -> SitePolicy:  # the simulated site's own files (its factory's)
         return dataclasses.replace(base, data_path=str(paths[pid]), output_dir=str(tmp))
@@ -198,6 +200,7 @@ def main(argv=None) -> int:
         "errors": errors,
         "failures": strategy.result.failures,
         "notes": strategy.result.notes,
+        "policies": {str(s): r.policy for s, r in strategy.result.sites.items()},
         "captured": None,
         "truth": {},
     }
@@ -207,9 +210,16 @@ def main(argv=None) -> int:
         # |error| < n * 2**-63 * scale per value with 3 limbs (fedvi.secagg); 1e-9 relative
         # to the scale is far above it and far below any statistic's change.
         out["encoding_error"] = 1e-9 * out["scale"]
+        from strategies.fedmerdel import fitins
+
         ins = strategy.honest[0]
+        # Each site's exact statistics: a fresh run of the same site (its gate answers a refine
+        # request only after a local fit of the run agreed the model; the fit is seeded, so
+        # the agreed model and the statistics are the run's).
+        local = fitins(strategy.coordinator.request(Phase.LOCAL))
         for site in sorted(strategy.honest):
             client = FedviClient({"partition-id": site}, RecordDict(), policy_for(site))
+            client.fit(parameters_to_ndarrays(local.parameters), dict(local.config))
             arrays, _, _ = client.fit(parameters_to_ndarrays(ins.parameters), dict(ins.config))
             out["truth"][str(site)] = [np.asarray(a).tolist() for a in arrays]
     Path(args.out).write_text(json.dumps(out))
