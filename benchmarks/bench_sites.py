@@ -246,15 +246,19 @@ def _load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def run_secure_worker(n_sites: int, refine_rounds: int, out: str, round_timeout) -> dict:
-    """In this process: the Flower simulation of ``n_sites`` with SecAgg+ rounds, its server
-    instrumented (module docstring). Records go to ``out/secagg_bench.json`` as they come."""
+def run_secure_worker(
+    n_sites: int, refine_rounds: int, out: str, round_timeout, secure: bool = True
+) -> dict:
+    """In this process: the Flower simulation of ``n_sites`` with SecAgg+ rounds (``secure``;
+    else the same run with plain rounds, the baseline), its server instrumented (module
+    docstring). Records go to ``out/secagg_bench.json`` as they come."""
     from flwr.common.serde import recorddict_to_proto
 
     import strategies.secure_workflow as SW
     import strategies.workflow as W
 
-    rec = {"sites": n_sites, "refine_rounds": refine_rounds, "rounds": [], "stages": []}
+    rec = {"sites": n_sites, "refine_rounds": refine_rounds, "secure": secure}
+    rec.update(rounds=[], stages=[])
     rec["load_start"] = _load()
     now = {"round": None, "stage": None, "measure_s": 0.0}
     path = os.path.join(out, "secagg_bench.json")
@@ -349,7 +353,10 @@ def run_secure_worker(n_sites: int, refine_rounds: int, out: str, round_timeout)
     import runpy
 
     sys.argv = ["simulations.run"] + _simulation_overrides(n_sites, out)
-    sys.argv += ["strategy.secure_aggregation=true", f"strategy.refine_rounds={refine_rounds}"]
+    sys.argv += [
+        f"strategy.secure_aggregation={str(secure).lower()}",
+        f"strategy.refine_rounds={refine_rounds}",
+    ]
     if round_timeout is not None:
         sys.argv += [
             f"strategy.round_timeout={round_timeout}",
@@ -374,11 +381,13 @@ def run_secure_worker(n_sites: int, refine_rounds: int, out: str, round_timeout)
     return rec
 
 
-def run_secure(n_sites: int, refine_rounds: int, timeout: float, round_timeout=None) -> dict:
-    """One SecAgg+ simulation in its own process group (stopped, Ray included, after
-    ``timeout`` s); its records, complete or as far as they got."""
+def run_secure(
+    n_sites: int, refine_rounds: int, timeout: float, round_timeout=None, secure: bool = True
+) -> dict:
+    """One SecAgg+ simulation (``secure=False``: its plain baseline) in its own process group
+    (stopped, Ray included, after ``timeout`` s); its records, complete or as far as they got."""
     out = tempfile.mkdtemp(prefix=f"bench_secagg_{n_sites}_")
-    worker = f"secagg:{n_sites}:{refine_rounds}:{out}:{round_timeout}"
+    worker = f"secagg:{n_sites}:{refine_rounds}:{out}:{round_timeout}:{int(secure)}"
     t = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, __file__, "--worker", worker],
@@ -399,7 +408,7 @@ def run_secure(n_sites: int, refine_rounds: int, timeout: float, round_timeout=N
             tail = (proc.communicate()[0] or "")[-2000:]
         rc = "timeout"
     path = os.path.join(out, "secagg_bench.json")
-    rec = {"sites": n_sites, "refine_rounds": refine_rounds}
+    rec = {"sites": n_sites, "refine_rounds": refine_rounds, "secure": secure}
     if os.path.exists(path):
         with open(path) as f:
             rec = json.load(f)
@@ -421,6 +430,7 @@ def secure_summary(r: dict) -> dict:
     return {
         "sites": n,
         "refine_rounds": r["refine_rounds"],
+        "secure": r.get("secure", True),
         "completed": r.get("status") == "completed" and r.get("process_rc") == 0,
         "status": r.get("status") or r.get("process_rc"),
         "wall": r.get("wall", r.get("process_wall")),
@@ -447,14 +457,14 @@ def secure_table(rows: list[dict]) -> str:
         return "—" if x is None else fmt.format(x)
 
     head = (
-        "| SuperNodes | refine rounds | completed | wall s | pre-flight | local | refine | "
-        "labels | s per secure round | setup | share keys | masked vectors | unmask | "
+        "| SuperNodes | SecAgg+ | refine rounds | completed | wall s | pre-flight | local | "
+        "refine | labels | s per secure round | setup | share keys | masked vectors | unmask | "
         "secure B up/site | secure B down/site | K | ARI |"
     )
-    lines = [head, "|" + "---|" * 17]
+    lines = [head, "|" + "---|" * 18]
     for r in map(secure_summary, rows):
         lines.append(
-            f"| {r['sites']:,} | {r['refine_rounds']} | "
+            f"| {r['sites']:,} | {'yes' if r['secure'] else 'no'} | {r['refine_rounds']} | "
             f"{'yes' if r['completed'] else r['status']} | {f(r['wall'], '{:.0f}')} | "
             f"{f(r['preflight_s'])} | {f(r['local_s'])} | {f(r['refine_s'])} | "
             f"{f(r['label_s'])} | {f(r['secure_round_s'])} | {f(r['setup_s'])} | "
@@ -537,6 +547,11 @@ def main() -> None:
     p.add_argument("--secagg-sites", default="10,50,100")
     p.add_argument("--secagg-refine-rounds", type=int, default=1)
     p.add_argument("--secagg-timeout", type=float, default=900.0, help="seconds per run")
+    p.add_argument(
+        "--secagg-baseline",
+        action="store_true",
+        help="with --secagg: the same simulations with plain rounds (secure_aggregation=false)",
+    )
     p.add_argument("--no-paper", action="store_true", help="skip the 6,500-practice estimate")
     p.add_argument("--figure", default=None, help="write the figure here (PNG)")
     p.add_argument("--json", default=None, help="write every figure here")
@@ -561,14 +576,18 @@ def main() -> None:
         if rows:
             print(table(rows))
         if secure:
-            print(secure_table(sorted(secure, key=lambda r: (r["refine_rounds"], r["sites"]))))
+            order = sorted(
+                secure, key=lambda r: (r["refine_rounds"], r["sites"], r.get("secure", 1))
+            )
+            print(secure_table(order))
         if a.figure:
             figure(rows, sorted(flower, key=lambda r: r["sites"]), a.figure)
         return
     if a.worker and a.worker.startswith("secagg:"):
-        _, n, r, out, rt = a.worker.split(":", 4)
+        _, n, r, out, rt, *secure = a.worker.split(":")
         rt = None if rt == "None" else float(rt)
-        print("RESULT " + json.dumps(run_secure_worker(int(n), int(r), out, rt)))
+        secure = not secure or secure[0] == "1"
+        print("RESULT " + json.dumps(run_secure_worker(int(n), int(r), out, rt, secure)))
         return
     if a.worker:  # one configuration in this process: print its figures
         kind, n, refine = a.worker.split(":")
@@ -579,7 +598,15 @@ def main() -> None:
         secure = []
         for n in [int(x) for x in a.secagg_sites.split(",")]:
             print(f"SecAgg+ simulation, {n} SuperNodes (load {_load()}) ...", flush=True)
-            secure.append(run_secure(n, a.secagg_refine_rounds, a.secagg_timeout, a.round_timeout))
+            secure.append(
+                run_secure(
+                    n,
+                    a.secagg_refine_rounds,
+                    a.secagg_timeout,
+                    a.round_timeout,
+                    secure=not a.secagg_baseline,
+                )
+            )
             print(secure_table(secure[-1:]).splitlines()[-1], flush=True)
             if secure[-1].get("process_rc") != 0:
                 print(secure[-1].get("tail", ""), flush=True)
