@@ -597,7 +597,8 @@ def main() -> None:
     if a.secagg:
         secure = []
         for n in [int(x) for x in a.secagg_sites.split(",")]:
-            print(f"SecAgg+ simulation, {n} SuperNodes (load {_load()}) ...", flush=True)
+            kind = "plain (baseline)" if a.secagg_baseline else "SecAgg+"
+            print(f"{kind} simulation, {n} SuperNodes (load {_load()}) ...", flush=True)
             secure.append(
                 run_secure(
                     n,
