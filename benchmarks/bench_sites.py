@@ -24,6 +24,16 @@ encoded arrays.
 1,000 virtual SuperNodes of 1,000 rows each (the ``simulated`` source with the same sizes;
 its ``theta ~ Beta(1, 5)`` design), ``federation.num_cpus=1`` so Ray runs two sites at a time
 on this machine's 2 cores.
+
+``--secagg``: the same Flower simulation with ``strategy.secure_aggregation=true`` at 10, 50
+and 100 SuperNodes (``--secagg-sites``), so that the refinement and label rounds are summed
+with SecAgg+ (``strategies.secure_workflow.BoundSecAggPlusWorkflow``: every node shares its
+keys with every other node, ``num_shares=1.0``). Each size runs in its own process, which
+starts the simulation itself and wraps the server's round runner
+(``strategies.workflow.PhaseFitWorkflow``), SecAgg+'s four stages and the Grids they call, so
+it records the wall time of every round and stage and the bytes of every message to and from
+the sites (protobuf size of the message content). Its records are written after every stage,
+so a run stopped at ``--secagg-timeout`` still says where its time went.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import importlib
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -187,21 +198,7 @@ def run_flower(n_sites: int, timeout: float, round_timeout: float | None = None)
     ``round_timeout``: seconds a site has per round (pre-flight included); ``None`` keeps the
     strategy's defaults (derived from the data size and the CPU slots)."""
     out = tempfile.mkdtemp(prefix=f"bench_sites_{n_sites}_")
-    cmd = [
-        sys.executable,
-        "-m",
-        "simulations.run",
-        f"data.n_rows={n_sites * ROWS}",
-        f"data.n_clusters={TRUE_K}",
-        f"data.n_features={FEATURES}",
-        "data.weights=null",
-        f"federation.sites={n_sites}",
-        "federation.split=iid",
-        "federation.num_cpus=1",
-        f"model.n_components={K_INIT}",
-        "plots=false",
-        f"hydra.run.dir={out}",
-    ]
+    cmd = [sys.executable, "-m", "simulations.run"] + _simulation_overrides(n_sites, out)
     if round_timeout is not None:
         cmd += [
             f"strategy.round_timeout={round_timeout}",
@@ -224,6 +221,301 @@ def run_flower(n_sites: int, timeout: float, round_timeout: float | None = None)
     if rc != 0:
         row["tail"] = tail
     return row
+
+
+SECAGG_STAGES = ("setup", "share_keys", "masked_vectors", "unmask")
+
+
+def _simulation_overrides(n_sites: int, out: str) -> list[str]:
+    """The ``simulations.run`` overrides of an ``n_sites`` federation of 1,000-row sites."""
+    return [
+        f"data.n_rows={n_sites * ROWS}",
+        f"data.n_clusters={TRUE_K}",
+        f"data.n_features={FEATURES}",
+        "data.weights=null",
+        f"federation.sites={n_sites}",
+        "federation.split=iid",
+        "federation.num_cpus=1",
+        f"model.n_components={K_INIT}",
+        "plots=false",
+        f"hydra.run.dir={out}",
+    ]
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def run_secure_worker(
+    n_sites: int, refine_rounds: int, out: str, round_timeout, secure: bool = True
+) -> dict:
+    """In this process: the Flower simulation of ``n_sites`` with SecAgg+ rounds (``secure``;
+    else the same run with plain rounds, the baseline), its server instrumented (module
+    docstring). Records go to ``out/secagg_bench.json`` as they come."""
+    from flwr.common.serde import recorddict_to_proto
+
+    import strategies.secure_workflow as SW
+    import strategies.workflow as W
+
+    rec = {"sites": n_sites, "refine_rounds": refine_rounds, "secure": secure}
+    rec.update(rounds=[], stages=[])
+    rec["load_start"] = _load()
+    now = {"round": None, "stage": None, "measure_s": 0.0}
+    path = os.path.join(out, "secagg_bench.json")
+
+    def save():
+        with open(path + ".tmp", "w") as f:
+            json.dump(rec, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    def size(msgs) -> int:
+        t = time.perf_counter()
+        n = sum(recorddict_to_proto(m.content).ByteSize() for m in msgs if m.has_content())
+        now["measure_s"] += time.perf_counter() - t  # not the protocol's time
+        return n
+
+    def count(entry, sent, replies):
+        entry["bytes_down"] += size(sent)
+        entry["bytes_up"] += size(replies)
+        entry["messages"] += len(sent)
+        entry["replies_ok"] += sum(1 for m in replies if m.has_content())
+        entry["replies_error"] += sum(1 for m in replies if m.has_error())
+
+    def new_entry(**kw):
+        return {**kw, "bytes_down": 0, "bytes_up": 0, "messages": 0, "replies_ok": 0,
+                "replies_error": 0}  # fmt: skip
+
+    call = W.PhaseFitWorkflow.__call__
+
+    def round_call(self, grid, context):
+        rnd = W._current_round(context)
+        plan = self.strategy.round(rnd)
+        entry = new_entry(round=rnd, phase=plan.phase.value if plan else None)
+        entry["secure"] = bool(plan and plan.secure)
+        now.update(round=entry, measure_s=0.0)
+        t = time.perf_counter()
+        try:
+            return call(self, grid, context)
+        finally:
+            entry["s"] = time.perf_counter() - t - now["measure_s"]
+            entry["load"] = _load()
+            rec["rounds"].append(entry)
+            save()
+
+    W.PhaseFitWorkflow.__call__ = round_call
+
+    watch = W.send_and_watch
+
+    def plain_send(grid, messages, *args, **kwargs):
+        messages = list(messages)
+        replies, lost = watch(grid, messages, *args, **kwargs)
+        count(now["round"], messages, replies)
+        return replies, lost
+
+    W.send_and_watch = plain_send
+
+    def stage(name, fn):
+        def wrapped(self, grid, context, state):
+            entry = new_entry(round=now["round"]["round"], stage=name)
+            now["stage"] = entry
+            m0, t, ok = now["measure_s"], time.perf_counter(), None
+            try:
+                ok = fn(self, grid, context, state)
+                return ok
+            finally:
+                entry["s"] = time.perf_counter() - t - (now["measure_s"] - m0)
+                entry["ok"] = bool(ok)
+                entry["active_nodes"] = len(getattr(state, "active_node_ids", ()) or ())
+                rec["stages"].append(entry)
+                save()
+
+        return wrapped
+
+    B = SW.BoundSecAggPlusWorkflow
+    for short, name in zip(
+        SECAGG_STAGES,
+        ("setup_stage", "share_keys_stage", "collect_masked_vectors_stage", "unmask_stage"),
+        strict=True,
+    ):
+        setattr(B, name, stage(short, getattr(B, name)))
+
+    relay = SW._ReportingGrid.send_and_receive
+
+    def secure_send(self, messages, timeout=None):
+        messages = list(messages)
+        replies = relay(self, messages, timeout=timeout)
+        count(now["stage"], messages, replies)
+        count(now["round"], messages, replies)
+        return replies
+
+    SW._ReportingGrid.send_and_receive = secure_send
+
+    import runpy
+
+    sys.argv = ["simulations.run"] + _simulation_overrides(n_sites, out)
+    sys.argv += [
+        f"strategy.secure_aggregation={str(secure).lower()}",
+        f"strategy.refine_rounds={refine_rounds}",
+    ]
+    if round_timeout is not None:
+        sys.argv += [
+            f"strategy.round_timeout={round_timeout}",
+            f"strategy.preflight_timeout={round_timeout}",
+        ]
+    t = time.perf_counter()
+    try:
+        # As ``python -m simulations.run`` (Hydra finds ``configs/`` from the main module).
+        runpy.run_module("simulations.run", run_name="__main__", alter_sys=True)
+        rec["rc"] = 0
+    except SystemExit as exc:
+        rec["rc"] = exc.code
+    rec["wall"] = time.perf_counter() - t
+    rec["load_end"] = _load()
+    res_path = os.path.join(out, "results.json")
+    if os.path.exists(res_path):
+        with open(res_path) as f:
+            res = json.load(f)
+        rec.update({k: res.get(k) for k in ("n_clusters", "ari", "status")})
+        rec["simulation_s"] = (res.get("wall_clock") or {}).get("simulation")
+    save()
+    return rec
+
+
+def secagg_primitives(sizes: list[int], threshold: float = 0.67) -> list[dict]:
+    """CPU seconds of SecAgg+'s per-site cryptography at ``N`` participants, in this process:
+    a site's Shamir split of its two secrets (its private key, its 32-byte mask seed) into
+    ``N`` shares (the share-keys stage, at every site), the server's rebuild of one site's
+    seed from ``threshold * N`` shares (the unmask stage, once per active site), and one
+    pair's key agreement and mask (the masked-vector stage, ``N - 1`` pairs per site)."""
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs, private_key_to_bytes
+
+    def cpu(fn, repeat=1):
+        c = time.process_time()
+        for _ in range(repeat):
+            fn()
+        return (time.process_time() - c) / repeat
+
+    sk, _ = generate_key_pairs()
+    _, pk = generate_key_pairs()
+    key, seed = private_key_to_bytes(sk), os.urandom(32)
+    shared = generate_shared_key(sk, pk)
+    pair = cpu(lambda: generate_shared_key(sk, pk), 50)
+    mask = cpu(lambda: pseudo_rand_gen(shared, 2**32, [(2300,)]), 50)
+    rows = []
+    for n in sizes:
+        t = max(round(threshold * n), 2)
+        shares = create_shares(seed, t, n)
+        rows.append(
+            {
+                "sites": n,
+                "threshold": t,
+                "split_s_per_site": cpu(
+                    lambda t=t, n=n: (create_shares(key, t, n), create_shares(seed, t, n))
+                ),
+                "combine_s_per_site": cpu(lambda got=shares[:t]: combine_shares(got)),
+                "pair_key_s": pair,
+                "pair_mask_s": mask,
+                "key_bytes": len(key),
+            }
+        )
+    return rows
+
+
+def run_secure(
+    n_sites: int, refine_rounds: int, timeout: float, round_timeout=None, secure: bool = True
+) -> dict:
+    """One SecAgg+ simulation (``secure=False``: its plain baseline) in its own process group
+    (stopped, Ray included, after ``timeout`` s); its records, complete or as far as they got."""
+    out = tempfile.mkdtemp(prefix=f"bench_secagg_{n_sites}_")
+    worker = f"secagg:{n_sites}:{refine_rounds}:{out}:{round_timeout}:{int(secure)}"
+    t = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--worker", worker],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        tail = proc.communicate(timeout=timeout)[0][-2000:]
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            tail = (proc.communicate(timeout=30)[0] or "")[-2000:]
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            tail = (proc.communicate()[0] or "")[-2000:]
+        rc = "timeout"
+    path = os.path.join(out, "secagg_bench.json")
+    rec = {"sites": n_sites, "refine_rounds": refine_rounds, "secure": secure}
+    if os.path.exists(path):
+        with open(path) as f:
+            rec = json.load(f)
+    rec.update({"process_wall": time.perf_counter() - t, "process_rc": rc, "dir": out})
+    if rc != 0:
+        rec["tail"] = tail
+    return rec
+
+
+def secure_summary(r: dict) -> dict:
+    """One row of the SecAgg+ table from a run's records."""
+    rounds, stages = r.get("rounds", []), r.get("stages", [])
+    n = r["sites"]
+    by_phase: dict[str, float] = {}
+    for x in rounds:
+        by_phase[x["phase"]] = by_phase.get(x["phase"], 0.0) + x["s"]
+    sec = [x for x in rounds if x.get("secure")]
+    stage_s = {k: [x["s"] for x in stages if x["stage"] == k] for k in SECAGG_STAGES}
+    return {
+        "sites": n,
+        "refine_rounds": r["refine_rounds"],
+        "secure": r.get("secure", True),
+        "completed": r.get("status") == "completed" and r.get("process_rc") == 0,
+        "status": r.get("status") or r.get("process_rc"),
+        "wall": r.get("wall", r.get("process_wall")),
+        **{f"{p}_s": by_phase.get(p) for p in ("preflight", "local", "refine", "label")},
+        "secure_rounds": len(sec),
+        "secure_round_s": float(np.mean([x["s"] for x in sec])) if sec else None,
+        **{f"{k}_s": float(np.mean(v)) if v else None for k, v in stage_s.items()},
+        "secure_up_B_per_site": (float(np.mean([x["bytes_up"] for x in sec])) / n if sec else None),
+        "secure_down_B_per_site": (
+            float(np.mean([x["bytes_down"] for x in sec])) / n if sec else None
+        ),
+        "plain_up_B_per_site": sum(x["bytes_up"] for x in rounds if not x.get("secure")) / n,
+        "plain_down_B_per_site": (sum(x["bytes_down"] for x in rounds if not x.get("secure")) / n),
+        "K": r.get("n_clusters"),
+        "ari": r.get("ari"),
+        "load": f"{r.get('load_start')} / {r.get('load_end')}",
+    }
+
+
+def secure_table(rows: list[dict]) -> str:
+    """Markdown: one SecAgg+ simulation per row (``secure_summary``); times are wall s."""
+
+    def f(x, fmt="{:.1f}"):
+        return "—" if x is None else fmt.format(x)
+
+    head = (
+        "| SuperNodes | SecAgg+ | refine rounds | completed | wall s | pre-flight | local | "
+        "refine | labels | s per secure round | setup | share keys | masked vectors | unmask | "
+        "secure B up/site | secure B down/site | K | ARI |"
+    )
+    lines = [head, "|" + "---|" * 18]
+    for r in map(secure_summary, rows):
+        lines.append(
+            f"| {r['sites']:,} | {'yes' if r['secure'] else 'no'} | {r['refine_rounds']} | "
+            f"{'yes' if r['completed'] else r['status']} | {f(r['wall'], '{:.0f}')} | "
+            f"{f(r['preflight_s'])} | {f(r['local_s'])} | {f(r['refine_s'])} | "
+            f"{f(r['label_s'])} | {f(r['secure_round_s'])} | {f(r['setup_s'])} | "
+            f"{f(r['share_keys_s'])} | {f(r['masked_vectors_s'])} | {f(r['unmask_s'])} | "
+            f"{f(r['secure_up_B_per_site'], '{:,.0f}')} | "
+            f"{f(r['secure_down_B_per_site'], '{:,.0f}')} | {r['K']} | {f(r['ari'], '{:.3f}')} |"
+        )
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -294,6 +586,20 @@ def main() -> None:
         default=None,
         help="seconds a site has per round in the simulation (default: the strategy's own)",
     )
+    p.add_argument("--secagg", action="store_true", help="the SecAgg+ simulations only")
+    p.add_argument("--secagg-sites", default="10,50,100")
+    p.add_argument("--secagg-refine-rounds", type=int, default=1)
+    p.add_argument("--secagg-timeout", type=float, default=900.0, help="seconds per run")
+    p.add_argument(
+        "--secagg-primitives",
+        action="store_true",
+        help="with --secagg: SecAgg+'s per-site cryptography at --secagg-sites, CPU s, no run",
+    )
+    p.add_argument(
+        "--secagg-baseline",
+        action="store_true",
+        help="with --secagg: the same simulations with plain rounds (secure_aggregation=false)",
+    )
     p.add_argument("--no-paper", action="store_true", help="skip the 6,500-practice estimate")
     p.add_argument("--figure", default=None, help="write the figure here (PNG)")
     p.add_argument("--json", default=None, help="write every figure here")
@@ -305,21 +611,69 @@ def main() -> None:
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.from_json:
-        rows, flower = [], []
+        rows, flower, secure = [], [], []
         for path in a.from_json.split(","):
             with open(path) as f:
                 saved = json.load(f)
+            secure += saved.get("secagg") or []
+            if "in_process" not in saved:
+                continue
             rows += [r for r in saved["in_process"] if "cpu" in r]  # runs with CPU times
             flower += saved.get("flower") or []
         rows.sort(key=lambda r: (r["refine_rounds"] > 0, r["sites"]))
-        print(table(rows))
+        if rows:
+            print(table(rows))
+        if secure:
+            order = sorted(
+                secure, key=lambda r: (r["refine_rounds"], r["sites"], r.get("secure", 1))
+            )
+            print(secure_table(order))
         if a.figure:
             figure(rows, sorted(flower, key=lambda r: r["sites"]), a.figure)
+        return
+    if a.worker and a.worker.startswith("secagg:"):
+        _, n, r, out, rt, *secure = a.worker.split(":")
+        rt = None if rt == "None" else float(rt)
+        secure = not secure or secure[0] == "1"
+        print("RESULT " + json.dumps(run_secure_worker(int(n), int(r), out, rt, secure)))
         return
     if a.worker:  # one configuration in this process: print its figures
         kind, n, refine = a.worker.split(":")
         out = paper_estimate() if kind == "paper" else run_in_process(int(n), refine == "1")
         print("RESULT " + json.dumps(out))
+        return
+    if a.secagg and a.secagg_primitives:
+        print("| N | threshold | split s / site | combine s / site | pair key | pair mask |")
+        print("|---|---|---|---|---|---|")
+        for r in secagg_primitives([int(x) for x in a.secagg_sites.split(",")]):
+            print(
+                f"| {r['sites']} | {r['threshold']} | {r['split_s_per_site']:.3f} | "
+                f"{r['combine_s_per_site']:.3f} | {r['pair_key_s'] * 1e3:.2f} ms | "
+                f"{r['pair_mask_s'] * 1e3:.2f} ms |"
+            )
+        return
+    if a.secagg:
+        secure = []
+        for n in [int(x) for x in a.secagg_sites.split(",")]:
+            kind = "plain (baseline)" if a.secagg_baseline else "SecAgg+"
+            print(f"{kind} simulation, {n} SuperNodes (load {_load()}) ...", flush=True)
+            secure.append(
+                run_secure(
+                    n,
+                    a.secagg_refine_rounds,
+                    a.secagg_timeout,
+                    a.round_timeout,
+                    secure=not a.secagg_baseline,
+                )
+            )
+            print(secure_table(secure[-1:]).splitlines()[-1], flush=True)
+            if secure[-1].get("process_rc") != 0:
+                print(secure[-1].get("tail", ""), flush=True)
+            if a.json:  # after every size: a later one may not finish
+                with open(a.json, "w") as f:
+                    json.dump({"secagg": secure}, f, indent=1)
+        print("\nSecAgg+ through the Flower simulation (wall s; bytes per site per secure round)")
+        print(secure_table(secure))
         return
     refines = {"both": (0, 1), "0": (0,), "default": (1,)}[a.refine]
     rows = []

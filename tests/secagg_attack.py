@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     strategy = hostile_strategy(FedMerDel, args.attack)(
         fedvi.MixtureSpec(n_components=8),
         FitOptions(),
-        ServerOptions(refine_rounds=1),
+        ServerOptions(refine_rounds=1, refine_moves=False),  # the statistics alone
         StrategyOptions(secure_aggregation=True, wait_for_sites=60, round_timeout=60),
         range(args.sites),
         seed=7,
