@@ -157,7 +157,8 @@ class FedMerDel(Strategy):
             if isinstance(f, RoundFailure):  # the runner knows the node and why: offline/timeout
                 node, site, cause = str(f.node_id), f.site, f.cause
             else:
-                cause = "site_error" if said is not None else "no_reply"
+                # A node's own error reply (its launcher refused the app, say) is its error.
+                cause = "site_error" if said is not None or proxy is not None else "no_reply"
             site = self.node_site.get(node, site)
             failure = Failure(cause, reason if cause == "site_error" else "", node)
             if site is None:

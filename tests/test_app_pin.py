@@ -153,5 +153,5 @@ def test_a_pinned_site_refuses_a_modified_app_and_runs_the_published_one(tmp_pat
     results = json.loads((tmp_path / "accepted" / "results.json").read_text())
     assert results["status"] == "completed" and not results["failures"]
     for b in range(2):
-        assert (tmp_path / f"site{b}_out" / f"labels_site{b}.csv").exists()
+        assert len(list((tmp_path / f"site{b}_out").glob(f"labels_site{b}_run*_*.csv"))) == 1
         assert sum(line.startswith(PIN_ERROR) for line in procs.log(f"site{b}").open()) == 1
