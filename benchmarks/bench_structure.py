@@ -45,18 +45,23 @@ ROUNDS = 20
 METHODS = (
     ("one-shot", {"refine_rounds": 0}),
     (f"refined ({ROUNDS} rounds)", {"refine_rounds": ROUNDS, "refine_moves": False}),
-    (f"refined + merge/delete ({ROUNDS} rounds)", {"refine_rounds": ROUNDS}),
+    (f"refined + merge/delete ({ROUNDS} rounds)", {"refine_rounds": ROUNDS, "refine_moves": True}),
     (
         f"refined + merge/delete/split ({ROUNDS} rounds)",
-        {"refine_rounds": ROUNDS, "refine_splits": 2},
+        {"refine_rounds": ROUNDS, "refine_moves": True, "refine_splits": 2},
     ),
     (
         f"pooled start + merge/delete ({ROUNDS} rounds)",
-        {"refine_rounds": ROUNDS, "refine_start": "pooled"},
+        {"refine_rounds": ROUNDS, "refine_moves": True, "refine_start": "pooled"},
     ),
     (
         f"pooled start + merge/delete/split ({ROUNDS} rounds)",
-        {"refine_rounds": ROUNDS, "refine_splits": 2, "refine_start": "pooled"},
+        {
+            "refine_rounds": ROUNDS,
+            "refine_moves": True,
+            "refine_splits": 2,
+            "refine_start": "pooled",
+        },
     ),
 )
 

@@ -120,11 +120,13 @@ class ServerOptions:
         Interval(int, 0),
     )
     refine_moves: bool = setting(
-        True,
-        "global merge moves in refinement rounds: each round carries candidate pairs of global "
-        "clusters, sites return one merged-column entropy per pair with their statistics, and "
-        "a merge is applied only if the exact pooled ELBO rises (off under DP noise or when a "
-        "site does not refine)",
+        False,
+        "global merge and delete moves in refinement rounds (opt-in): each round carries "
+        "candidate pairs of global clusters, sites return one merged-column entropy per pair with "
+        "their statistics, and a move is applied only if the exact pooled ELBO rises (off under "
+        "DP noise or when a site does not refine). Off by default: a greedy merge can end lower "
+        "than plain rounds (sim4_skewed small: K 7 and ELBO -38306 with moves, K 8 and -38286 "
+        "without); it helps where sites hold different classes (docs/experiments.md)",
         Boolean(),
     )
     refine_max_pairs: int = setting(

@@ -148,7 +148,12 @@ def test_poisoned_move_statistics_stop_refinement_and_name_the_site(poison, reas
     """Refinement moves (default on): a site whose pair entropies, second moments or trial
     statistics are missing or impossible is named, and no move is scored from them."""
     # From the sites' clusters side by side: pairs, a split and a delete trial in round 1.
-    got = honest_run(script={Phase.REFINE: {1: poison}}, refine_splits=1, refine_start="pooled")
+    got = honest_run(
+        script={Phase.REFINE: {1: poison}},
+        refine_moves=True,
+        refine_splits=1,
+        refine_start="pooled",
+    )
     assert blamed(got) == [("refine", 1, "malformed")]
     assert reason in next(f["error"] for f in got.failures)
     assert len(got.elbo_history) == 2 and got.rounds == []

@@ -41,6 +41,7 @@ PRESETS = {
     "small_moves": [
         "+experiment=small",
         "strategy.refine_rounds=3",
+        "strategy.refine_moves=true",
         "strategy.refine_start=pooled",
         "strategy.refine_splits=2",
     ],

@@ -62,7 +62,7 @@ VALUES = {
         "merge_mode": ("paper", "paper"),
         "label_mode": ("map", "map"),
         "refine_rounds": (2, "2"),
-        "refine_moves": (False, "false"),
+        "refine_moves": (True, "true"),
         "refine_max_pairs": (8, "8"),
         "refine_deletes": (0, "0"),
         "refine_splits": (2, "2"),

@@ -175,7 +175,9 @@ def test_moves_remove_duplicate_global_clusters_and_raise_the_elbo():
     d = simulate(1500, 3, 25, seed=5)
     parts = split_sites(d.z, 3, "iid", seed=5)
     sites = [d.X[p] for p in parts]
-    with_moves = fedvi.federated_fit(sites, n_components=8, refine_rounds=4, policy=NOISELESS)
+    with_moves = fedvi.federated_fit(
+        sites, n_components=8, refine_rounds=4, refine_moves=True, policy=NOISELESS
+    )
     without = fedvi.federated_fit(
         sites, n_components=8, refine_rounds=4, refine_moves=False, policy=NOISELESS
     )
@@ -321,7 +323,7 @@ def test_splits_add_a_cluster_the_one_shot_merged():
     the structure for every seed.)"""
     d = simulate(240, 3, 20, seed=3)
     sites = [d.X[i * 60 : (i + 1) * 60] for i in range(4)]
-    kw = {"n_components": 6, "refine_rounds": 10}
+    kw = {"n_components": 6, "refine_rounds": 10, "refine_moves": True}
     plain = fedvi.federated_fit(sites, **kw, policy=NOISELESS)
     split = fedvi.federated_fit(sites, refine_splits=2, **kw, policy=NOISELESS)
     assert plain.n_clusters == 1 and split.n_clusters == 2
@@ -337,7 +339,12 @@ def test_a_pooled_start_ends_no_lower_than_the_one_shot_merge():
     sites = [d.X[p] for p in parts]
     one_shot = fedvi.federated_fit(sites, n_components=8, refine_rounds=0, policy=NOISELESS)
     pooled = fedvi.federated_fit(
-        sites, n_components=8, refine_rounds=6, refine_start="pooled", policy=NOISELESS
+        sites,
+        n_components=8,
+        refine_rounds=6,
+        refine_start="pooled",
+        refine_moves=True,
+        policy=NOISELESS,
     )
     assert pooled.elbo >= one_shot.elbo
     assert sum(r["merges"] for r in pooled.rounds) > 0  # the rounds did the merging
