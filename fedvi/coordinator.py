@@ -142,6 +142,8 @@ class Failure:
             return f"malformed reply: {self.detail}"
         if self.cause == "schema":
             return f"schema differs from the reference: {self.detail}"
+        if self.cause in ("offline", "timeout") and self.detail:
+            return self.detail  # the round runner's own words: the node, and when it knew
         if self.cause in _TEXT:
             return _TEXT[self.cause] + (f" ({self.detail})" if self.detail else "")
         return f"{self.cause.replace('_', ' ')}: {self.detail}"

@@ -160,7 +160,7 @@ class FedMerDel(Strategy):
                 # A node's own error reply (its launcher refused the app, say) is its error.
                 cause = "site_error" if said is not None or proxy is not None else "no_reply"
             site = self.node_site.get(node, site)
-            failure = Failure(cause, reason if cause == "site_error" else "", node)
+            failure = Failure(cause, reason if cause != "no_reply" else "", node)
             if site is None:
                 unattributed.append(failure)
             elif site not in replies:  # SecAgg+ reports one site's error twice

@@ -335,3 +335,13 @@ def test_a_site_that_refuses_a_refinement_round_by_its_policy_still_labels():
     assert len(got.elbo_history) == 3  # the first round only
     assert all(r.status == "ok" and r.counts is not None for r in got.sites.values())
     assert [len(y) for y in got.labels] == [len(X) for X in data]
+
+
+def test_an_offline_or_silent_node_is_named_in_the_round_runners_words():
+    """The round runner knows which node went offline and when: its words are the failure's
+    message; without them the cause's own text stands."""
+    said = "node 7 offline: the SuperLink stopped receiving its heartbeat (50 s into the round)"
+    assert Failure("offline", said, "7").message == said
+    assert Failure("offline").message.startswith("node offline")
+    assert Failure("timeout").message.startswith("no reply within the round timeout")
+    assert Failure("no_reply").message.startswith("no reply (the node died")
