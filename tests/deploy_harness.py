@@ -15,6 +15,7 @@ docs/deployment.md for what was verified and how long things take).
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -37,15 +38,27 @@ def exe(name: str) -> str:
 
 
 # --- ports ------------------------------------------------------------------------------------
+#: Ports handed out in this process (never twice, though the first may not be bound yet).
+_GIVEN: set[int] = set()
+
+
 def free_port(host: str = "0.0.0.0") -> int:
     """A TCP port that is free on ``host`` now (bound on all interfaces by default, so a
-    SuperLink started with ``--host 0.0.0.0`` can take it too). Never 8000 or 9094."""
-    for _ in range(100):
+    SuperLink started with ``--host 0.0.0.0`` can take it too), chosen at random below the
+    kernel's ephemeral range (32768-60999 here): an outgoing connection of another process
+    never takes it between this check and the server's bind. Never 8000 or 9094."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32768)
+        if port in RESERVED_PORTS or port in _GIVEN:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if port not in RESERVED_PORTS:
-            return port
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
     raise RuntimeError("no free port")
 
 
