@@ -52,7 +52,7 @@ class GlobalMerge:
     elbo: float
     elbo_before: float
     n_merges: int
-    base_map: np.ndarray | None = None  # [h19] old-to-new ids for extend
+    base_map: np.ndarray | None = None  # old-to-new ids of the base model (extend)
 
     @property
     def n_clusters(self) -> int:
@@ -353,7 +353,7 @@ def global_merge(
     membership = groups.sites[order]
     first = 1 if base is not None else 0
     mapping = [global_of[block_of == first + b] for b in range(len(sites))]
-    base_map = global_of[block_of == 0] if base is not None else None  # [h19]
+    base_map = global_of[block_of == 0] if base is not None else None
     return GlobalMerge(
         posterior,
         mapping,

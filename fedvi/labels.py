@@ -59,7 +59,7 @@ def refinement_stats(
     pooled ELBO stays exact. (Under differential privacy the floor is applied to the noisy
     counts instead: ``restrict=False``.)
     """
-    # [h19] the soft floor lives in fedvi.floor (floored_release also gives pair entropies).
+    # The soft floor lives in fedvi.floor (floored_release also gives pair entropies).
     if restrict:
         return floored_release(data, posterior, floor, options).stats
     problem = global_problem(data, posterior, options)
