@@ -55,3 +55,36 @@ def preset_sites() -> Callable:
         return cache[key]
 
     return get
+
+
+@pytest.fixture
+def ghost_cluster(monkeypatch) -> Callable[[], None]:
+    """Call it to give the coordinator's merge a near-empty copy of cluster 0 (a global
+    cluster that owns no row: what the end-of-run settle must remove, on either engine)."""
+    import dataclasses
+
+    import numpy as np
+
+    import fedvi
+    import fedvi.coordinator as coordinator
+
+    merge = coordinator.global_merge
+
+    def with_ghost(*args, **kwargs):
+        m = merge(*args, **kwargs)
+        p = m.posterior
+        ghost = dataclasses.replace(
+            p.subset([0]), counts=p.counts[:1] * 1e-4, sums=p.sums[:1] * 1e-4
+        )
+        post = dataclasses.replace(
+            fedvi.Summaries.concat([p, ghost]),
+            prior_dim=p.prior_dim,
+            column_totals=p.column_totals,
+            n_rows=p.n_rows,
+            relevance=p.relevance,
+            column_observed=p.column_observed,
+        )
+        members = np.vstack([m.membership, m.membership[:1]])
+        return dataclasses.replace(m, posterior=post, membership=members)
+
+    return lambda: monkeypatch.setattr(coordinator, "global_merge", with_ghost)

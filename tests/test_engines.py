@@ -149,31 +149,10 @@ def test_both_engines_apply_the_same_refinement_moves(tmp_path):
     assert_same_run(tmp_path, inproc, flower)
 
 
-def test_both_engines_remove_a_cluster_that_owns_no_rows(tmp_path, monkeypatch):
+def test_both_engines_remove_a_cluster_that_owns_no_rows(tmp_path, ghost_cluster):
     """The merge gets a near-empty copy of cluster 0 (it owns no row): both engines remove it
     after labelling, refine once more without it and label again (the settle rounds)."""
-    import fedvi.coordinator as coordinator
-
-    merge = coordinator.global_merge
-
-    def with_ghost(*args, **kwargs):
-        m = merge(*args, **kwargs)
-        p = m.posterior
-        ghost = dataclasses.replace(
-            p.subset([0]), counts=p.counts[:1] * 1e-4, sums=p.sums[:1] * 1e-4
-        )
-        post = dataclasses.replace(
-            fedvi.Summaries.concat([p, ghost]),
-            prior_dim=p.prior_dim,
-            column_totals=p.column_totals,
-            n_rows=p.n_rows,
-            relevance=p.relevance,
-            column_observed=p.column_observed,
-        )
-        members = np.vstack([m.membership, m.membership[:1]])
-        return dataclasses.replace(m, posterior=post, membership=members)
-
-    monkeypatch.setattr(coordinator, "global_merge", with_ghost)
+    ghost_cluster()
     inproc, flower = both_engines(tmp_path, "small")
     assert any("own no rows" in n for n in inproc.notes)
     labels = np.concatenate(inproc.labels)

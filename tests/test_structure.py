@@ -256,35 +256,15 @@ def test_extend_returns_and_records_the_old_to_new_ids(tmp_path):
 
 
 @pytest.mark.parametrize("rounds", [0, 2])
-def test_a_global_cluster_that_owns_no_rows_is_removed(monkeypatch, rounds):
+def test_a_global_cluster_that_owns_no_rows_is_removed(ghost_cluster, rounds):
     """The merge's posterior gets a copy of cluster 0 with almost no weight: it owns no row, so
     the run ends with the clusters that do (with refinement, after one more exact round)."""
-    import fedvi.coordinator as fed
-    from fedvi.global_merge import global_merge
-
-    def with_ghost(*args, **kwargs):
-        m = global_merge(*args, **kwargs)
-        p = m.posterior
-        ghost = dataclasses.replace(
-            p.subset([0]), counts=p.counts[:1] * 1e-4, sums=p.sums[:1] * 1e-4
-        )
-        post = dataclasses.replace(
-            Summaries.concat([p, ghost]),
-            prior_dim=p.prior_dim,
-            column_totals=p.column_totals,
-            n_rows=p.n_rows,
-            relevance=p.relevance,
-            column_observed=p.column_observed,
-        )
-        members = np.vstack([m.membership, m.membership[:1]])
-        return dataclasses.replace(m, posterior=post, membership=members)
-
     d = simulate(900, 3, 30, seed=0)
     sites = [d.X[:450], d.X[450:]]
     plain = fedvi.federated_fit(
         sites, n_components=6, refine_rounds=rounds, refine_moves=False, policy=NOISELESS
     )
-    monkeypatch.setattr(fed, "global_merge", with_ghost)
+    ghost_cluster()
     res = fedvi.federated_fit(
         sites, n_components=6, refine_rounds=rounds, refine_moves=False, policy=NOISELESS
     )
