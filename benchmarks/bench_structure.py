@@ -1,9 +1,12 @@
 """Structure after refinement: federated one-shot / refined / refined with global moves against
 the centralised ``MixtureVI`` at equal ``K_init``, on a heterogeneous and two real survey splits.
 
-    python benchmarks/bench_structure.py                # 3 cases, seeds 0-2 (about 2 minutes)
+    python benchmarks/bench_structure.py                # 3 cases, seeds 0-2 (about 3 minutes)
     python benchmarks/bench_structure.py --quick        # digits only, seed 0
     python benchmarks/bench_structure.py --cases fair --seeds 2
+    python benchmarks/bench_structure.py --floor 1      # the sites' floor at 1 (its price)
+    python benchmarks/bench_structure.py --dp           # the sites' default policy (DP)
+    python benchmarks/bench_structure.py --presets      # presets: moves off / on
 
 Cases (data shipped inside packages; nothing is downloaded; docs/experiments.md describes them):
 
@@ -14,16 +17,20 @@ Cases (data shipped inside packages; nothing is downloaded; docs/experiments.md 
   quintiles of the population of the place of residence.
 
 ``K_init`` 20 per site and for the centralised fit. Every fit runs with the sites' noiseless
-setting (no differential-privacy noise), the default site policy (disclosure floor 5) and
-``refine_tol=1e-6`` (refinement stops once converged). For each seed ``s`` the federated fits
-use ``seed=s`` and the centralised fit ``MixtureVI(seed=s)`` on the pooled rows (in the sites'
+opt-out (``SitePolicy(dp_epsilon=None)``, with ``max_aggregate_releases`` raised to the run's
+rounds: the default cap of 6 would refuse round 6 onwards), the disclosure floor 5 (``--floor``
+changes it) and ``refine_tol=1e-6`` (refinement stops once converged; the last method runs to
+``1e-8``, MixtureVI's own tolerance, in at most 200 rounds). ``--dp`` gives the sites their
+default policy (DP at epsilon 1 per run) instead. For each seed ``s`` the federated fits use
+``seed=s`` and the centralised fit ``MixtureVI(seed=s)`` on the pooled rows (in the sites'
 order). ELBOs are compared at the same prior dimension: the centralised ELBO is re-evaluated
 with the federated prior dimension ``sum_b K_init`` (the same posterior; only the Dirichlet
 normaliser changes). Printed per method: mean ELBO over seeds and its difference to the
 centralised one, K per seed, mean ARI against the centralised fit of the same seed, refinement
-rounds run and not applied (the floor), moves accepted, and kB all sites sent after the
-one-shot summaries. The last line per case is the centralised fit's own seed-to-seed ARI (mean
-over seed pairs).
+rounds run and not applied (the floor; "stopped": runs whose refinement ended on anything but
+convergence or its rounds, e.g. sites that declined), moves accepted, and kB all sites sent
+after the one-shot summaries. The last line per case is the centralised fit's own seed-to-seed
+ARI (mean over seed pairs).
 """
 
 from __future__ import annotations
@@ -42,28 +49,40 @@ from fedvi.metrics import adjusted_rand_index
 
 K_INIT = 20
 ROUNDS = 20
+LONG = 200  # "to convergence": refinement stops at refine_tol=1e-8 (MixtureVI's own tol)
+MOVES = {"refine_moves": True}
+POOLED = {"refine_moves": True, "refine_start": "pooled"}
 METHODS = (
     ("one-shot", {"refine_rounds": 0}),
     (f"refined ({ROUNDS} rounds)", {"refine_rounds": ROUNDS, "refine_moves": False}),
-    (f"refined + merge/delete ({ROUNDS} rounds)", {"refine_rounds": ROUNDS, "refine_moves": True}),
-    (
-        f"refined + merge/delete/split ({ROUNDS} rounds)",
-        {"refine_rounds": ROUNDS, "refine_moves": True, "refine_splits": 2},
-    ),
-    (
-        f"pooled start + merge/delete ({ROUNDS} rounds)",
-        {"refine_rounds": ROUNDS, "refine_moves": True, "refine_start": "pooled"},
-    ),
+    (f"refined + merge/delete ({ROUNDS} rounds)", {"refine_rounds": ROUNDS, **MOVES}),
+    (f"pooled start + merge/delete ({ROUNDS} rounds)", {"refine_rounds": ROUNDS, **POOLED}),
     (
         f"pooled start + merge/delete/split ({ROUNDS} rounds)",
+        {"refine_rounds": ROUNDS, **POOLED, "refine_splits": 2},
+    ),
+    (
+        "pooled start + merge/delete x3/split x4 (to convergence)",
         {
-            "refine_rounds": ROUNDS,
-            "refine_moves": True,
-            "refine_splits": 2,
-            "refine_start": "pooled",
+            "refine_rounds": LONG,
+            **POOLED,
+            "refine_splits": 4,
+            "refine_deletes": 3,
+            "refine_tol": 1e-8,
         },
     ),
 )
+
+
+def policies(floor: int, dp: bool):
+    """The sites' policy of a table: the noiseless opt-out (``dp_epsilon=None``) with room for
+    every round of the run (``max_aggregate_releases``; the default 6 would refuse round 6
+    onwards), or the default policy (DP at epsilon 1 per run) at the same floor."""
+    if dp:
+        return fedvi.SitePolicy(min_cluster_size=floor)
+    return fedvi.SitePolicy(
+        dp_epsilon=None, max_aggregate_releases=LONG + 2, min_cluster_size=floor
+    )
 
 
 def digits_case(seed: int = 0):
@@ -122,25 +141,33 @@ def fair_case(seed: int = 0):
 CASES = {"digits": digits_case, "fair": fair_case, "anes96": anes96_case}
 
 
-def run_case(name: str, seeds) -> list[str]:
-    sites, likelihood = CASES[name]()
+def centralised(sites, likelihood, seeds) -> dict:
+    """Per seed: the centralised fit's ELBO at the federated prior dimension, K and labels."""
     pooled = np.vstack(sites)
-    kw = {"likelihood": likelihood, "n_components": K_INIT, "dp_epsilon": None, "refine_tol": 1e-6}
     prior_dim = K_INIT * len(sites)
-    central = {}
+    out = {}
     for s in seeds:
         m = fedvi.MixtureVI(likelihood, n_components=K_INIT, seed=s).fit(pooled)
         post = dataclasses.replace(m.model_.posterior, prior_dim=prior_dim)
-        central[s] = (elbo(post), m.n_clusters_, m.labels_)
+        out[s] = (elbo(post), m.n_clusters_, m.labels_)
+    return out
+
+
+def run_case(name: str, seeds, floor: int = 5, dp: bool = False, methods=METHODS) -> list[str]:
+    """Table rows of one case: each method over ``seeds``, then the centralised fit."""
+    sites, likelihood = CASES[name]()
+    central = centralised(sites, likelihood, seeds)
+    kw = {"likelihood": likelihood, "n_components": K_INIT, "refine_tol": 1e-6}
+    kw.update(min_cluster_size=floor, policy=policies(floor, dp))
     lines = []
     c_elbo = np.mean([central[s][0] for s in seeds])
-    for method, opts in METHODS:
+    for method, opts in methods:
         rows = []
         for s in seeds:
             t = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                res = fedvi.federated_fit(sites, seed=s, **kw, **opts)
+                res = fedvi.federated_fit(sites, seed=s, **{**kw, **opts})
             took = time.perf_counter() - t
             labels = np.concatenate(res.labels)
             sent = sum(
@@ -153,6 +180,8 @@ def run_case(name: str, seeds) -> list[str]:
                     "distinct": len(np.unique(labels)),
                     "ari": adjusted_rand_index(labels, central[s][2]),
                     "not_applied": sum(not r["applied"] for r in res.rounds),
+                    # a run whose refinement ended on anything but convergence or its rounds
+                    "stopped": sum(n.startswith("refinement stopped") for n in res.notes),
                     "rounds": len(res.rounds),
                     "moves": sum(r["merges"] + r["deletes"] + r["splits"] for r in res.rounds),
                     "kB": sent / 1e3,
@@ -162,10 +191,12 @@ def run_case(name: str, seeds) -> list[str]:
         e = np.mean([r["elbo"] for r in rows])
         ks = "/".join(str(r["K"]) for r in rows)
         same = all(r["K"] == r["distinct"] for r in rows)
+        stopped = sum(r["stopped"] for r in rows)
         lines.append(
             f"| {name} | {method} | {e:.1f} | {100 * (e - c_elbo) / abs(c_elbo):+.3f} % | {ks}"
             f"{'' if same else ' (!)'} | {np.mean([r['ari'] for r in rows]):.3f} | "
-            f"{sum(r['rounds'] for r in rows)} / {sum(r['not_applied'] for r in rows)} | "
+            f"{sum(r['rounds'] for r in rows)} / {sum(r['not_applied'] for r in rows)}"
+            f"{f' ({stopped} stopped)' if stopped else ''} | "
             f"{sum(r['moves'] for r in rows)} | "
             f"{np.mean([r['kB'] for r in rows]):.1f} | {np.mean([r['s'] for r in rows]):.1f} |"
         )
@@ -179,21 +210,84 @@ def run_case(name: str, seeds) -> list[str]:
     return lines
 
 
+#: Well-separated presets (their sites as ``python -m simulations.run +experiment=<preset>``
+#: builds them) for ``--presets``: the default refinement with and without moves.
+PRESETS = [
+    ("sim4", ["federation.split=iid"]),
+    ("sim4", ["federation.split=dirichlet"]),
+    ("sim4", ["federation.split=exclusive"]),
+    ("sim4_skewed", ["data.n_rows=2000"]),
+    ("sim5", ["federation.split=iid"]),
+    ("sim5", ["federation.split=dirichlet"]),
+    ("categorical", ["setting=a"]),
+    ("digits", ["federation.split=random"]),
+]
+
+
+def presets_table() -> list[str]:
+    """K, ARI against the truth and ELBO of the default run (3 rounds) with ``refine_moves``
+    off and on, noiseless sites, on the presets."""
+    from simulations.data import load_sites
+    from strategies.config import RunSettings, compose_config
+
+    lines = [
+        "| preset | overrides | moves off: K / ARI / ELBO | moves on: K / ARI / ELBO |",
+        "|---|---|---|---|",
+    ]
+    for preset, overrides in PRESETS:
+        cfg = compose_config("config", [f"+experiment={preset}", *overrides])
+        sites, truth, _ = load_sites(cfg)
+        s = RunSettings.from_cfg(cfg)
+        z = np.concatenate(truth)
+        kw = {
+            "likelihood": s.spec.likelihood,
+            "n_components": s.spec.n_components,
+            "variable_selection": s.spec.variable_selection,
+            "policy": fedvi.SitePolicy(dp_epsilon=None),
+        }
+        cells = []
+        for moves in (False, True):
+            res = fedvi.federated_fit(sites, seed=s.seed, refine_moves=moves, **kw)
+            ari = adjusted_rand_index(z, np.concatenate(res.labels))
+            cells.append(f"{res.n_clusters} / {ari:.4f} / {res.elbo:.1f}")
+        lines.append(f"| {preset} | {' '.join(overrides)} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="digits only, seed 0")
     p.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument(
+        "--floor", type=int, default=5, help="the sites' disclosure floor (min_cluster_size)"
+    )
+    p.add_argument(
+        "--dp",
+        action="store_true",
+        help="the sites' default policy (DP noise at epsilon 1 per run) instead of the "
+        "noiseless opt-out",
+    )
+    p.add_argument(
+        "--presets",
+        action="store_true",
+        help="only the well-separated presets, default refinement with moves off and on",
+    )
     args = p.parse_args(argv)
+    if args.presets:
+        print("\n".join(presets_table()))
+        return
     cases = ["digits"] if args.quick else args.cases
     seeds = [0] if args.quick else list(range(args.seeds))
+    policy = "default policy (DP, epsilon 1 per run)" if args.dp else "noiseless opt-out"
+    print(f"sites: {policy}, disclosure floor {args.floor}; seeds {seeds}")
     print(
         "| case | method | ELBO (mean) | vs centralised | K per seed | ARI vs centralised | "
         "rounds run / not applied | moves accepted | kB after one-shot | s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in cases:
-        for line in run_case(name, seeds):
+        for line in run_case(name, seeds, args.floor, args.dp):
             print(line, flush=True)
 
 

@@ -352,6 +352,7 @@ class Coordinator:
         self.refined = 0  # refinement rounds applied
         self.refine_runs = 0  # refinement rounds run
         self.moves = False  # refinement moves on (decided after the merge)
+        self._no_moves: list[int] = []  # sites whose policy refuses move statistics
         self.main: Track | None = None  # the posterior refinement goes on from
         self.best: Track | None = None  # the best applied one
         self.best_elbo = -np.inf
@@ -556,7 +557,11 @@ class Coordinator:
                     "than 2 sites take part"
                 )
             if phase is Phase.REFINE and not sites:
-                self._stop_refining("no site allows refinement rounds")
+                self._stop_refining(
+                    f"no site refines (refine_rounds={self.server.refine_rounds} asked; "
+                    "allow-refine is false in their policies, or they are too small for their "
+                    "privacy budget): the one-shot merge is the result"
+                )
                 continue
             if phase is Phase.LABEL and not self._labelled:
                 self._end_refinement()
@@ -776,18 +781,46 @@ class Coordinator:
         self.settle_map = np.arange(G)
         self.main = Track(merged.posterior, merged.membership, np.arange(G))
         # Moves need exact sums from every site that refines (no noise, no fixed part).
+        self._no_moves = [s for s in sites if not self.allows(s, "allow_refine_moves")]
         self.moves = bool(
             self.server.refine_moves
             and self.server.refine_rounds > 0
             and not self.noisy
             and not self.fixed
+            and not self._no_moves
             and self.resume is None
         )
+        self._note_refinement(sites)
         if self.moves and self.server.refine_start == "pooled":
             local = [self.result.sites[s].summaries for s in sites]
             self.main = pooled_start(local, merged.posterior)
             self.posterior, self.membership = self.main.posterior, self.main.membership
         self.best, self.best_elbo = self.main, float(elbo(self.main.posterior))
+
+    def _note_refinement(self, sites: list[int]) -> None:
+        """Say in the result's notes when the asked refinement (or its moves) will not run as
+        asked because of the sites' own policies, so that a run never looks refined when it
+        is not."""
+        if self.server.refine_rounds == 0 or self.resume is not None:
+            return
+        fixed = sorted(self.fixed)
+        if fixed and len(fixed) < len(sites):  # none refines: "refinement stopped" says so
+            self.result.notes.append(
+                f"sites {fixed} do not refine (allow-refine false, or too small for their "
+                "privacy budget): their one-shot statistics stay fixed in the refinement rounds"
+            )
+        if self.server.refine_moves and not self.moves and len(fixed) < len(sites):
+            unknown = "so the exact ELBO that decides a move is unknown"
+            if fixed:
+                why = f"a site does not refine, {unknown}"
+            elif self.noisy:
+                why = f"the sites add privacy noise, {unknown}"
+            else:
+                why = (
+                    f"sites {self._no_moves} do not send move statistics "
+                    "(allow-refine-moves=false in their policy)"
+                )
+            self.result.notes.append(f"refinement moves off: {why}")
 
     def _refine(self, rnd, good, summed, nodes) -> None:
         settling = self._pending == "refit"

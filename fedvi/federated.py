@@ -189,7 +189,28 @@ def federated_fit(
         warn_floor(server.min_cluster_size, policies, ids)
     agents = agents_for(tables, ids, policies, _rngs(rng, len(tables)))
     coordinator = Coordinator(spec, fit, server, ids, seed=seed, min_sites=min_sites)
-    return run_inprocess(coordinator, agents)
+    result = run_inprocess(coordinator, agents)
+    warn_unmet(result, options)
+    return result
+
+
+# Notes that mean a setting the caller gave explicitly did not take effect.
+_UNMET = {
+    "refine_rounds": "refinement stopped: no site refines",
+    "refine_moves": "refinement moves off",
+}
+
+
+def warn_unmet(result: FederatedResult, options: dict) -> None:
+    """Warn (``UserWarning``) when a refinement setting passed explicitly could not take
+    effect because of the sites' policies (e.g. ``refine_rounds=5`` with sites that are too
+    small for their privacy budget), so a result never silently looks refined."""
+    for key, prefix in _UNMET.items():
+        if not options.get(key):
+            continue
+        for note in result.notes:
+            if note.startswith(prefix):
+                warnings.warn(f"{key}={options[key]!r}: {note}", UserWarning, stacklevel=3)
 
 
 def extend(

@@ -75,6 +75,15 @@ class SitePolicy:
         True, "answer refinement rounds (sums per global cluster)", Boolean()
     )
     allow_labels: bool = setting(True, "answer the labelling round (counts per cluster)", Boolean())
+    allow_refine_moves: bool = setting(
+        True,
+        "send the statistics of global moves in refinement rounds when the run asks for them "
+        "(refine_moves, noiseless sites only): one entropy per candidate pair, a second set "
+        "of statistics under each delete proposal, and, with refine_splits, second moments "
+        "(pairwise co-occurrences within a cluster); all under the floor. false: the run "
+        "refines without moves",
+        Boolean(),
+    )
     require_secure_aggregation: bool = setting(
         False,
         "answer refinement and label rounds only under secure aggregation (SecAgg+)",
@@ -198,6 +207,7 @@ class SitePolicy:
             "max_components": self.max_components,
             "allow_refine": self.allow_refine and not refine_declined,
             "allow_labels": self.allow_labels,
+            "allow_refine_moves": self.allow_refine_moves,
             "require_secure_aggregation": self.require_secure_aggregation,
             "secagg_min_sites": self.secagg_min_sites,
             "secagg_min_threshold": self.secagg_min_threshold,

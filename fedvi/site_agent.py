@@ -269,6 +269,12 @@ class SiteAgent:
         return data, rho
 
     def _refine(self, req: Request, secure: bool) -> RefineReply:
+        if req.moves is not None and not self.policy.allow_refine_moves:
+            raise PolicyRefusal(
+                "allow-refine-moves",
+                "this site does not send the statistics of global moves (pair entropies, delete "
+                "proposals, second moments)",
+            )
         data, rho = self._aggregate_round(req, secure, "allow-refine", self.policy.allow_refine)
         if req.moves is not None:
             return self._refine_moves(data, req, rho)

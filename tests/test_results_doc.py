@@ -42,7 +42,9 @@ def _written(tmp_path, name, result, **kw) -> dict:
 
 def test_every_key_of_results_json_is_documented(tmp_path):
     tables, truth = _sites()
-    plain = fedvi.federated_fit(tables, seed=0, refine_rounds=1)
+    noiseless = fedvi.SitePolicy(dp_epsilon=None)  # so that the refinement keys are written
+    plain = fedvi.federated_fit(tables, seed=0, refine_rounds=1, policy=noiseless)
+    assert plain.rounds
     keys = key_paths(
         _written(tmp_path, "plain", plain, labels=plain.labels, truth=truth, wall_clock={"t": 1})
     )

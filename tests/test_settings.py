@@ -94,6 +94,7 @@ VALUES = {
         "max_components": (50, "50"),
         "allow_refine": (False, "false"),
         "allow_labels": (False, "false"),
+        "allow_refine_moves": (False, "false"),
         "require_secure_aggregation": (True, "true"),
         "secagg_min_sites": (3, "3"),
         "secagg_min_threshold": (0.75, "0.75"),

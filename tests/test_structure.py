@@ -113,6 +113,68 @@ def test_a_requested_floor_below_the_site_policy_warns():
         fedvi.federated_fit([d.X[:200], d.X[200:]], min_cluster_size=1, policy=pol, refine_rounds=0)
 
 
+def test_asked_refinement_that_the_sites_decline_is_said_not_silent():
+    """Small sites under the default DP policy decline refinement: ``refine_rounds`` passed
+    explicitly then warns and the notes say why, so the result never looks refined; a site
+    that declines turns the exact moves off, and that is said too."""
+    d = simulate(400, 2, 10, seed=1)
+    sites = [d.X[:200], d.X[200:]]
+    with pytest.warns(UserWarning, match=r"refine_rounds=3: refinement stopped: no site refines"):
+        res = fedvi.federated_fit(sites, refine_rounds=3)  # default policy: DP at epsilon 1
+    assert res.rounds == []
+    assert any("too small for their privacy budget" in n for n in res.notes)
+    mixed = [NOISELESS, fedvi.SitePolicy(allow_refine=False)]
+    with pytest.warns(UserWarning, match=r"refine_moves=True: refinement moves off"):
+        res = fedvi.federated_fit(
+            sites, refine_rounds=2, refine_moves=True, policy=mixed, min_cluster_size=5
+        )
+    assert "sites [1] do not refine" in " ".join(res.notes)
+    assert len(res.rounds) == 2  # site 0 still refines
+    assert sum(r["merges"] + r["deletes"] + r["splits"] for r in res.rounds) == 0
+
+
+def test_a_site_that_refuses_move_statistics_turns_the_moves_off():
+    """``allow_refine_moves=False``: the coordinator asks no moves (and says why), the rounds
+    run without them; a coordinator that ignores the site's pre-flight and asks anyway is
+    refused by the site, which sends nothing for that round and still labels."""
+    import dataclasses as dc
+
+    from fedvi.coordinator import Coordinator
+    from fedvi.federated import agents_for, run_inprocess
+    from fedvi.options import FitOptions, ServerOptions
+    from fedvi.protocol import Preflight
+
+    d = simulate(900, 3, 15, seed=4)
+    sites = [d.X[:300], d.X[300:600], d.X[600:]]
+    no_moves = dc.replace(NOISELESS, allow_refine_moves=False)
+    pols = [NOISELESS, no_moves, NOISELESS]
+    with pytest.warns(UserWarning, match=r"refinement moves off: sites \[1\] do not send"):
+        res = fedvi.federated_fit(sites, refine_rounds=2, refine_moves=True, policy=pols)
+    assert len(res.rounds) == 2 and all(r["candidates"] == 0 for r in res.rounds)
+    assert res.sites[1].policy["allow_refine_moves"] is False
+
+    # A hostile coordinator: site 1's pre-flight is read as if it allowed moves.
+    agents = agents_for(sites, [0, 1, 2], pols, None)
+    honest = agents[1].handle
+
+    def lying(req, secure=False, sha=None):
+        reply = honest(req, secure, sha)
+        if isinstance(reply, Preflight):
+            reply = dc.replace(reply, policy={**reply.policy, "allow_refine_moves": True})
+        return reply
+
+    agents[1].handle = lying
+    server = ServerOptions(refine_rounds=2, refine_moves=True)
+    got = run_inprocess(Coordinator(fedvi.MixtureSpec(), FitOptions(), server, [0, 1, 2]), agents)
+    refusals = [f for f in got.failures if f["phase"] == "refine"]
+    assert [f["site"] for f in refusals] == [1]
+    assert "allow-refine-moves" in refusals[0]["error"]
+    assert got.sites[1].labels is not None  # a refusal by policy: the site still labels
+    refine = [e for e in agents[1].gate.ledger.entries() if e.get("phase") == "refine"]
+    assert refine and all(e["decision"] == "refused" for e in refine)  # logged, nothing sent
+    assert refine[0]["rule"] == "allow-refine-moves"
+
+
 # -- exact merges from sums -----------------------------------------------------------------
 def test_pair_entropies_are_the_merged_column_entropies():
     d, post = _two_site_posterior(3)
