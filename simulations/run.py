@@ -241,6 +241,8 @@ def main(cfg: DictConfig) -> float | None:
             wall.get("simulation", wall.get("inprocess", 0.0)),
             run_dir,
         )
+    for note in result.notes:  # what the run decided on the way (results.json "notes")
+        log.info("fedvi: note: %s", note)
     for f in result.failures:
         log.warning(
             "fedvi: site %s (node %s) failed in %s: %s",

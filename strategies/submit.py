@@ -139,6 +139,8 @@ def main(argv=None) -> int:
                 f"fedvi: site {f.get('site')} (node {f.get('node')}) failed in "
                 f"{f.get('phase')}: {f.get('error')}"
             )
+        for note in results.get("notes", []):
+            print(f"fedvi: note: {note}")
         print(f"fedvi: {results['status']}; results in {results_path}")
         return EXIT_CODES.get(results["status"], 1)
     return 0 if state == "finished:completed" else 1

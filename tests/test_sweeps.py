@@ -129,6 +129,31 @@ def test_in_process_files_read_missing_cells_as_the_sites_do(tmp_path):
     assert run.result.status == "failed" and "s0.csv" in run.result.error
 
 
+def test_the_console_says_why_a_run_was_not_refined(tmp_path):
+    """The run's notes reach the console: simulated sites given a deployed site's default DP
+    budget are too small to refine, and the summary says so instead of looking refined."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "simulations.run",
+            "federation.engine=inprocess",
+            "+experiment=small",
+            "site.dp_epsilon=1",
+            "plots=false",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    assert "fedvi: note: refinement stopped: no site refines (refine_rounds=3 asked" in out
+
+
 @pytest.mark.slow
 def test_in_process_sweep_and_its_report(tmp_path):
     """The issue's command: 8 jobs in process; the report lists each job's overridden keys
