@@ -111,11 +111,24 @@ def plain_fit_round(grid, context: LegacyContext, timeout: float) -> None:
 WAVE_OVERHEAD = 3.0
 
 
-def phase_timeout(strategy: FedMerDel, phase: Phase) -> float:
-    """Seconds a site has to answer ``phase``: the configured ``round_timeout``, else a bound
-    derived from the largest site's table (rows x variables) from pre-flight, stretched when
-    sites take turns for a simulation's CPU slots (``site_slots``): each wave of sites adds
-    its work and :data:`WAVE_OVERHEAD` (pre-flight too, whose base is ``preflight_timeout``)."""
+#: Seconds one site spends splitting its two SecAgg+ secrets into N Shamir shares, per N²
+#: (the share-keys stage: threshold 0.67 N, so O(N²) per site); measured 1.385 s at N = 100
+#: on the 2-core development machine (``bench_sites.py --secagg-primitives``).
+SHARE_SPLIT_PER_N2 = 1.4e-4
+#: Headroom on that measurement for a loaded or slower machine (the 100-site simulation's
+#: share-keys stage took 2 x the sites' split time on 2 loaded cores).
+SECURE_MARGIN = 4.0
+
+
+def phase_timeout(strategy: FedMerDel, phase: Phase, secure: bool = False) -> float:
+    """Seconds a site has to answer ``phase`` (each stage of a ``secure`` round): the
+    configured ``round_timeout``, else a bound derived from the largest site's table
+    (rows x variables) from pre-flight, stretched when sites take turns for a simulation's
+    CPU slots (``site_slots``): each wave of sites adds its work and :data:`WAVE_OVERHEAD`
+    (pre-flight too, whose base is ``preflight_timeout``). A secure round's stages also get
+    each site's share split, which grows as N² per site (:data:`SHARE_SPLIT_PER_N2`, times
+    :data:`SECURE_MARGIN`, per wave): a bound linear in N stopped the 150-site share-keys
+    stage (docs/experiments.md)."""
     options = strategy.options
     slots = strategy.site_slots
     pre = strategy.coordinator.preflights
@@ -129,7 +142,8 @@ def phase_timeout(strategy: FedMerDel, phase: Phase) -> float:
     cells = max((p.n_rows * p.n_features for p in pre.values()), default=1e6)
     if phase is Phase.LOCAL:
         return 120.0 + 3e-6 * cells * waves + overhead
-    return 60.0 + 5e-7 * cells * waves + overhead
+    shares = SECURE_MARGIN * SHARE_SPLIT_PER_N2 * sites**2 * waves if secure else 0.0
+    return 60.0 + 5e-7 * cells * waves + overhead + shares
 
 
 class PhaseFitWorkflow:
@@ -143,7 +157,7 @@ class PhaseFitWorkflow:
         plan = self.strategy.round(rnd)
         if plan is None:  # the run is over (refinement stopped before its last round)
             return
-        timeout = phase_timeout(self.strategy, plan.phase)
+        timeout = phase_timeout(self.strategy, plan.phase, plan.secure)
         if plan.secure:
             # The SecAgg+ stages call the Grid themselves: the watched Grid stops waiting for a
             # node the SuperLink lists as offline.

@@ -384,3 +384,22 @@ def test_timeouts_grow_with_the_waves_of_a_simulations_sites(tmp_path):
     assert phase_timeout(many, Phase.PREFLIGHT) == base + 500 * WAVE_OVERHEAD
     assert phase_timeout(many, Phase.LOCAL) >= 120.0 + 500 * WAVE_OVERHEAD
     assert phase_timeout(deployed, Phase.LOCAL) < 200.0
+
+
+def test_secure_stage_timeouts_grow_with_the_share_split(tmp_path):
+    """A secure round's stages wait for every site's Shamir split, O(N²) per site: measured,
+    the 100-site share-keys stage took 136 s in simulation (2 slots) and the 150-site one was
+    stopped at its linear timeout of 287 s with 66 of 150 sites' shares. The secure bound must
+    cover the 150-site stage extrapolated as N³ from 100 sites (136 x 1.5³ = 459 s) and stay
+    the plain bound for plain rounds; a deployment's sites split in parallel."""
+    from strategies.workflow import phase_timeout
+
+    sim150 = make_strategy([tmp_path / f"s{b}.npy" for b in range(150)], tmp_path, site_slots=2)
+    plain = phase_timeout(sim150, Phase.REFINE)
+    assert phase_timeout(sim150, Phase.LABEL, secure=True) >= 136 * 1.5**3
+    assert phase_timeout(sim150, Phase.REFINE, secure=False) == plain
+    sim100 = make_strategy([tmp_path / f"s{b}.npy" for b in range(100)], tmp_path, site_slots=2)
+    assert phase_timeout(sim100, Phase.LABEL, secure=True) >= 136
+    # A deployment of 1,000 sites: each splits in about 1.4e-4 x 1000² = 140 s, in parallel.
+    dep = make_strategy([tmp_path / f"s{b}.npy" for b in range(1000)], tmp_path)
+    assert 140 <= phase_timeout(dep, Phase.LABEL, secure=True) - phase_timeout(dep, Phase.LABEL)
