@@ -218,6 +218,12 @@ def combine_refinement(
     return new, True, keep
 
 
+#: How the notes that say an asked refinement did not take effect begin (``federated_fit``
+#: turns them into warnings when the caller asked for it).
+NO_SITE_REFINES = "no site refines"
+MOVES_OFF = "refinement moves off"
+
+
 def refusal_note(round_no: int, withheld: dict[int, list[int]]) -> str:
     """Why refinement round ``round_no`` was not applied, naming the clusters and sites whose
     floor withheld statistics (the usual cause; no sites named under secure aggregation, where
@@ -558,7 +564,7 @@ class Coordinator:
                 )
             if phase is Phase.REFINE and not sites:
                 self._stop_refining(
-                    f"no site refines (refine_rounds={self.server.refine_rounds} asked; "
+                    f"{NO_SITE_REFINES} (refine_rounds={self.server.refine_rounds} asked; "
                     "allow-refine is false in their policies, or they are too small for their "
                     "privacy budget): the one-shot merge is the result"
                 )
@@ -820,7 +826,7 @@ class Coordinator:
                     f"sites {self._no_moves} do not send move statistics "
                     "(allow-refine-moves=false in their policy)"
                 )
-            self.result.notes.append(f"refinement moves off: {why}")
+            self.result.notes.append(f"{MOVES_OFF}: {why}")
 
     def _refine(self, rnd, good, summed, nodes) -> None:
         settling = self._pending == "refit"

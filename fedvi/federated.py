@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from fedvi.coordinator import (
+    MOVES_OFF,
+    NO_SITE_REFINES,
     Coordinator,
     Failure,
     SiteFailureError,
@@ -196,8 +198,8 @@ def federated_fit(
 
 # Notes that mean a setting the caller gave explicitly did not take effect.
 _UNMET = {
-    "refine_rounds": "refinement stopped: no site refines",
-    "refine_moves": "refinement moves off",
+    "refine_rounds": f"refinement stopped: {NO_SITE_REFINES}",
+    "refine_moves": MOVES_OFF,
 }
 
 
