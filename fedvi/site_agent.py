@@ -305,7 +305,13 @@ class SiteAgent:
         second = rel.second
         if second is None:
             second = np.zeros((0, post.sums.shape[1], post.sums.shape[1]))
-        what = "counts, sums, entropies per cluster, with move statistics"
+        # The ledger says what this release holds beyond the statistics: each delete
+        # proposal is one more full set of them, each split candidate a (P, P) matrix.
+        what = (
+            f"counts, sums, entropies per cluster; move statistics: {len(moves.pairs)} pair "
+            f"entropies, {len(trials)} more sets under delete proposals, {len(second)} second "
+            "moments"
+        )
         privacy = self._released(req, data, rho, what)
         return RefineReply(
             rel.stats,

@@ -173,6 +173,9 @@ def test_a_site_that_refuses_move_statistics_turns_the_moves_off():
     refine = [e for e in agents[1].gate.ledger.entries() if e.get("phase") == "refine"]
     assert refine and all(e["decision"] == "refused" for e in refine)  # logged, nothing sent
     assert refine[0]["rule"] == "allow-refine-moves"
+    # A site that sends move statistics logs what they were, beside the statistics.
+    sent = [e for e in agents[0].gate.ledger.entries() if e.get("phase") == "refine"]
+    assert sent and all("more sets under delete proposals" in e["released"] for e in sent)
 
 
 # -- exact merges from sums -----------------------------------------------------------------
