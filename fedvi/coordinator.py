@@ -358,7 +358,6 @@ class Coordinator:
         self.refined = 0  # refinement rounds applied
         self.refine_runs = 0  # refinement rounds run
         self.moves = False  # refinement moves on (decided after the merge)
-        self._no_moves: list[int] = []  # sites whose policy refuses move statistics
         self.main: Track | None = None  # the posterior refinement goes on from
         self.best: Track | None = None  # the best applied one
         self.best_elbo = -np.inf
@@ -787,26 +786,26 @@ class Coordinator:
         self.settle_map = np.arange(G)
         self.main = Track(merged.posterior, merged.membership, np.arange(G))
         # Moves need exact sums from every site that refines (no noise, no fixed part).
-        self._no_moves = [s for s in sites if not self.allows(s, "allow_refine_moves")]
+        no_moves = [s for s in sites if not self.allows(s, "allow_refine_moves")]
         self.moves = bool(
             self.server.refine_moves
             and self.server.refine_rounds > 0
             and not self.noisy
             and not self.fixed
-            and not self._no_moves
+            and not no_moves
             and self.resume is None
         )
-        self._note_refinement(sites)
+        self._note_refinement(sites, no_moves)
         if self.moves and self.server.refine_start == "pooled":
             local = [self.result.sites[s].summaries for s in sites]
             self.main = pooled_start(local, merged.posterior)
             self.posterior, self.membership = self.main.posterior, self.main.membership
         self.best, self.best_elbo = self.main, float(elbo(self.main.posterior))
 
-    def _note_refinement(self, sites: list[int]) -> None:
+    def _note_refinement(self, sites: list[int], no_moves: list[int]) -> None:
         """Say in the result's notes when the asked refinement (or its moves) will not run as
-        asked because of the sites' own policies, so that a run never looks refined when it
-        is not."""
+        asked because of the sites' own policies (``no_moves``: the sites that refuse move
+        statistics), so that a run never looks refined when it is not."""
         if self.server.refine_rounds == 0 or self.resume is not None:
             return
         fixed = sorted(self.fixed)
@@ -823,7 +822,7 @@ class Coordinator:
                 why = f"the sites add privacy noise, {unknown}"
             else:
                 why = (
-                    f"sites {self._no_moves} do not send move statistics "
+                    f"sites {no_moves} do not send move statistics "
                     "(allow-refine-moves=false in their policy)"
                 )
             self.result.notes.append(f"{MOVES_OFF}: {why}")
