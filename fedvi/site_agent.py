@@ -269,12 +269,6 @@ class SiteAgent:
         return data, rho
 
     def _refine(self, req: Request, secure: bool) -> RefineReply:
-        if req.moves is not None and not self.policy.allow_refine_moves:
-            raise PolicyRefusal(
-                "allow-refine-moves",
-                "this site does not send the statistics of global moves (pair entropies, delete "
-                "proposals, second moments)",
-            )
         data, rho = self._aggregate_round(req, secure, "allow-refine", self.policy.allow_refine)
         if req.moves is not None:
             return self._refine_moves(data, req, rho)
@@ -322,8 +316,15 @@ class SiteAgent:
         )
 
     def _check_moves(self, req: Request) -> None:
-        """The moves asked for stay within the run's own settings and the posterior's clusters
-        (a request is untrusted: each pair, split and trial is work and a release)."""
+        """The site's policy allows move statistics, and the moves asked for stay within the
+        run's own settings and the posterior's clusters (a request is untrusted: each pair,
+        split and trial is work and a release)."""
+        if not self.policy.allow_refine_moves:
+            raise PolicyRefusal(
+                "allow-refine-moves",
+                "this site does not send the statistics of global moves (pair entropies, delete "
+                "proposals, second moments)",
+            )
         moves, server, G = req.moves, req.server, req.posterior.n_clusters
         pairs, splits = moves.pairs, moves.splits
         if len(pairs) > server.refine_max_pairs or len(splits) > server.refine_splits:
