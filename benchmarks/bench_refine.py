@@ -38,16 +38,23 @@ PRESETS = [
 ROUNDS = (0, 1, 3, 5)
 
 
-def one(preset: str, overrides: list[str]) -> list[dict]:
+def preset_sites(preset: str, overrides: list[str]):
+    """``(sites, truth (N,), s, kw)``: a preset's sites as ``python -m simulations.run
+    +experiment=<preset>`` builds them, its true labels pooled, its ``RunSettings`` and the
+    model settings ``federated_fit`` and ``MixtureVI`` take."""
     cfg = compose_config("config", [f"+experiment={preset}", *overrides])
     sites, truth, _ = load_sites(cfg)
     s = RunSettings.from_cfg(cfg)
-    z = np.concatenate(truth)
     kw = {
         "likelihood": s.spec.likelihood,
         "n_components": s.spec.n_components,
         "variable_selection": s.spec.variable_selection,
     }
+    return sites, np.concatenate(truth), s, kw
+
+
+def one(preset: str, overrides: list[str]) -> list[dict]:
+    sites, z, s, kw = preset_sites(preset, overrides)
     rows = []
     for r in ROUNDS:
         t = time.perf_counter()

@@ -228,24 +228,15 @@ PRESETS = [
 def presets_table() -> list[str]:
     """K, ARI against the truth and ELBO of the default run (3 rounds) with ``refine_moves``
     off and on, noiseless sites, on the presets."""
-    from simulations.data import load_sites
-    from strategies.config import RunSettings, compose_config
+    from bench_refine import preset_sites  # this folder, on the path when run as a script
 
     lines = [
         "| preset | overrides | moves off: K / ARI / ELBO | moves on: K / ARI / ELBO |",
         "|---|---|---|---|",
     ]
     for preset, overrides in PRESETS:
-        cfg = compose_config("config", [f"+experiment={preset}", *overrides])
-        sites, truth, _ = load_sites(cfg)
-        s = RunSettings.from_cfg(cfg)
-        z = np.concatenate(truth)
-        kw = {
-            "likelihood": s.spec.likelihood,
-            "n_components": s.spec.n_components,
-            "variable_selection": s.spec.variable_selection,
-            "policy": fedvi.SitePolicy(dp_epsilon=None),
-        }
+        sites, z, s, kw = preset_sites(preset, overrides)
+        kw["policy"] = fedvi.SitePolicy(dp_epsilon=None)
         cells = []
         for moves in (False, True):
             res = fedvi.federated_fit(sites, seed=s.seed, refine_moves=moves, **kw)
