@@ -15,7 +15,10 @@ Test tiers (markers declared in pyproject.toml):
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 # One BLAS/OpenMP thread per test process unless the caller chose otherwise: the tables here are
 # small, and on a shared 2-core machine two threads per process oversubscribe the cores (the
@@ -27,6 +30,26 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def simulations_run() -> Callable[..., subprocess.CompletedProcess]:
+    """``simulations_run(args, timeout=600)``: ``python -m simulations.run *args`` from the
+    project root (on ``PYTHONPATH``), as a user types it; its output captured as text."""
+
+    def run(args, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "simulations.run", *args],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return run
 
 
 @pytest.fixture(scope="session")

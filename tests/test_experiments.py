@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import itertools
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -350,24 +348,12 @@ def test_report_of_an_empty_directory_fails_clearly(tmp_path, capsys):
     assert "no run under" in capsys.readouterr().err
 
 
-def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "simulations.run", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 @pytest.mark.simulation
 @pytest.mark.slow
-def test_one_command_runs_a_small_sweep_with_comparators_and_report(tmp_path):
+def test_one_command_runs_a_small_sweep_with_comparators_and_report(tmp_path, simulations_run):
     """``+experiment=sim4_skewed`` end to end (Flower, comparators, sweep report), shrunk."""
     sweep = tmp_path / "sweep"
-    proc = _run(
+    proc = simulations_run(
         [
             "+experiment=sim4_skewed",
             "data.n_rows=1500",
@@ -377,7 +363,6 @@ def test_one_command_runs_a_small_sweep_with_comparators_and_report(tmp_path):
             "plots=false",
             f"hydra.sweep.dir={sweep}",
         ],
-        tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for job in ("0", "1"):

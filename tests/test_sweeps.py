@@ -129,25 +129,18 @@ def test_in_process_files_read_missing_cells_as_the_sites_do(tmp_path):
     assert run.result.status == "failed" and "s0.csv" in run.result.error
 
 
-def test_the_console_says_why_a_run_was_not_refined(tmp_path):
+def test_the_console_says_why_a_run_was_not_refined(tmp_path, simulations_run):
     """The run's notes reach the console: simulated sites given a deployed site's default DP
     budget are too small to refine, and the summary says so instead of looking refined."""
-    proc = subprocess.run(
+    proc = simulations_run(
         [
-            sys.executable,
-            "-m",
-            "simulations.run",
             "federation.engine=inprocess",
             "+experiment=small",
             "site.dp_epsilon=1",
             "plots=false",
             f"hydra.run.dir={tmp_path}",
         ],
-        capture_output=True,
-        text=True,
         timeout=300,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout + proc.stderr
@@ -155,25 +148,18 @@ def test_the_console_says_why_a_run_was_not_refined(tmp_path):
 
 
 @pytest.mark.slow
-def test_in_process_sweep_and_its_report(tmp_path):
+def test_in_process_sweep_and_its_report(tmp_path, simulations_run):
     """The issue's command: 8 jobs in process; the report lists each job's overridden keys
     with its ELBO, K, ARI, wall-clock and engine, as in the job's results.json."""
     sweep = tmp_path / "sweep"
     cmd = ["-m", "federation.engine=inprocess", "seed=0,1,2,3", "strategy.refine_rounds=0,3"]
-    proc = subprocess.run(
+    proc = simulations_run(
         [
-            sys.executable,
-            "-m",
-            "simulations.run",
             *cmd,
             "+experiment=small",
             f"hydra.sweep.dir={sweep}",
             "hydra.sweep.subdir=${hydra.job.num}",
         ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -226,14 +212,13 @@ def test_in_process_sweep_and_its_report(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failing_job_of_an_in_process_sweep_is_reported_in_its_own_folder(tmp_path):
+def test_a_failing_job_of_an_in_process_sweep_is_reported_in_its_own_folder(
+    tmp_path, simulations_run
+):
     """Job 1 asks for more clusters than the sites' policy allows: it fails (results.json says
     why, its run.log has the traceback); job 0 completed and its run.log stays its own."""
-    proc = subprocess.run(
+    proc = simulations_run(
         [
-            sys.executable,
-            "-m",
-            "simulations.run",
             "-m",
             "+experiment=small",
             "federation.engine=inprocess",
@@ -242,10 +227,6 @@ def test_a_failing_job_of_an_in_process_sweep_is_reported_in_its_own_folder(tmp_
             f"hydra.sweep.dir={tmp_path}",
             "hydra.sweep.subdir=${hydra.job.num}",
         ],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]  # a sweep goes on past a failed job
