@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-pytest.importorskip("flwr")
+pytest.importorskip("flwr", reason="the Flower layer: pip install -e .[app]")
 
 from strategies.console import FlowerNoise, strip_ansi  # noqa: E402
 from strategies.server_app import ExpectedRunFailure, RunFailed  # noqa: E402

@@ -58,7 +58,7 @@ def test_every_key_of_results_json_is_documented(tmp_path):
 
 
 def test_the_strategy_writes_only_documented_keys(tmp_path):
-    pytest.importorskip("flwr")
+    pytest.importorskip("flwr", reason="the Flower layer: pip install -e .[app]")
     from flower_local import grid_for, make_strategy, run_protocol, write_sites
 
     from strategies.options import StrategyOptions

@@ -104,7 +104,7 @@ def _ask(client, phase, **kw):
 
 
 def test_the_site_logs_a_renamed_column_in_one_line_and_sends_no_name(tmp_path, flwr_log):
-    pytest.importorskip("flwr")
+    pytest.importorskip("flwr", reason="the Flower layer: pip install -e .[app]")
     from fedvi.flower.client import FedviClient
     from fedvi.protocol import SiteError
 
@@ -122,7 +122,7 @@ def test_the_site_logs_a_renamed_column_in_one_line_and_sends_no_name(tmp_path, 
 
 
 def test_the_site_logs_a_bad_value_with_file_and_line_and_no_traceback(tmp_path, flwr_log):
-    pytest.importorskip("flwr")
+    pytest.importorskip("flwr", reason="the Flower layer: pip install -e .[app]")
     from fedvi.flower.client import FedviClient
     from fedvi.protocol import SiteError
 
@@ -139,7 +139,7 @@ def test_the_site_logs_a_bad_value_with_file_and_line_and_no_traceback(tmp_path,
 
 
 def test_an_unexpected_error_keeps_its_traceback_in_the_log_file(tmp_path, flwr_log, monkeypatch):
-    pytest.importorskip("flwr")
+    pytest.importorskip("flwr", reason="the Flower layer: pip install -e .[app]")
     from fedvi import site_agent
     from fedvi.flower import client as site
     from fedvi.protocol import SiteError
